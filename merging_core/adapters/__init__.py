@@ -1,0 +1,21 @@
+"""Resolve, load and validate PEFT LoRA adapters."""
+
+from merging_core.adapters.loading import (
+    LoraAdapter,
+    LoraModule,
+    check_compatible,
+    layer_index,
+    load_adapter,
+    load_task_registry,
+    resolve_adapter_specs,
+)
+
+__all__ = [
+    "LoraAdapter",
+    "LoraModule",
+    "check_compatible",
+    "layer_index",
+    "load_adapter",
+    "load_task_registry",
+    "resolve_adapter_specs",
+]

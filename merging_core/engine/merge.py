@@ -1,0 +1,137 @@
+"""The in-memory merge result, computed module by module on demand.
+
+`MergeOutput` holds the loaded adapters and the resolved parameters; it never keeps the dense
+merged deltas of the whole model. Consumers (saving, the model holder, tests) pull one module
+at a time, so peak memory stays at a few dense modules however large the model is.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from merging_core.adapters import LoraAdapter, LoraModule, layer_index
+from merging_core.engine.registry import MergeMethod
+from merging_core.params import Params
+from merging_core.plugins.transforms import Transform
+from merging_core.policies import LambdaPolicy
+
+
+def module_generator(seed: int, module: str, salt: str = "") -> torch.Generator:
+    """A generator seeded from (seed, module), so results do not depend on module order."""
+    mixed = (int(seed) * 1_000_003 + zlib.crc32(f"{salt}/{module}".encode())) % (2**63)
+    return torch.Generator().manual_seed(mixed)
+
+
+@dataclass
+class ModuleMerge:
+    """The merge of one target module."""
+
+    name: str
+    sources: list[LoraModule]
+    params: Params
+    delta: torch.Tensor | None = None  # dense merged delta (delta-space methods)
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, A), scaling 1
+    coefficients: list[float] | None = None  # set when delta == sum_i c_i * source_i
+
+    def dense(self) -> torch.Tensor:
+        if self.delta is not None:
+            return self.delta
+        assert self.factors is not None
+        lora_B, lora_A = self.factors
+        return lora_B @ lora_A
+
+
+@dataclass
+class MergeOutput:
+    """A merge ready to be evaluated or saved: adapters, method, resolved params per module."""
+
+    method: MergeMethod
+    adapters: list[LoraAdapter]
+    modules: list[str]
+    left_out: dict[str, list[str]]
+    params: Params
+    policy: LambdaPolicy
+    transforms: Sequence[Transform] = ()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    @property
+    def exact_linear(self) -> bool:
+        """True when every module's result is exactly sum_i c_i * delta_i."""
+        return self.method.linear_coefficients is not None and all(
+            t.is_identity for t in self.transforms
+        )
+
+    def module_params(self, module: str) -> Params:
+        params = dict(self.params)
+        if "lambda" in params:
+            params["lambda"] = self.policy.resolve(layer_index(module), params["lambda"])
+        return params
+
+    def _source_deltas(self, module: str, sources: list[LoraModule]) -> list[torch.Tensor]:
+        deltas = []
+        for index, source in enumerate(sources):
+            delta = source.delta()
+            for step, transform in enumerate(self.transforms):
+                generator = None
+                if transform.spec.seeded:
+                    generator = module_generator(
+                        transform.params["seed"], module, f"transform{step}/adapter{index}"
+                    )
+                delta = transform.apply(delta, generator)
+            deltas.append(delta)
+        return deltas
+
+    def plan_module(self, module: str) -> ModuleMerge:
+        """Sources and resolved params of one module, nothing computed yet."""
+        sources = [a.modules[module] for a in self.adapters]
+        params = self.module_params(module)
+        merged = ModuleMerge(name=module, sources=sources, params=params)
+        if self.exact_linear:
+            assert self.method.linear_coefficients is not None
+            merged.coefficients = self.method.linear_coefficients(params, len(sources))
+        return merged
+
+    def merge_module(self, module: str) -> ModuleMerge:
+        merged = self.plan_module(module)
+        sources, params = merged.sources, merged.params
+        if self.method.space == "factors":
+            triples = [(s.lora_B, s.lora_A, s.scaling) for s in sources]
+            merged.factors = self.method.merge_in_memory(triples, params)  # type: ignore[call-arg]
+            return merged
+        generator = module_generator(params["seed"], module) if self.method.seeded else None
+        deltas = self._source_deltas(module, sources)
+        merged.delta = self.method.merge_in_memory(deltas, params, generator)  # type: ignore[call-arg]
+        return merged
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense merged delta of one module (out x in, LoRA orientation)."""
+        return self.merge_module(module).dense()
+
+    def iter_deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for module in self.modules:
+            yield module, self.delta(module)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Every merged delta at once; for small models and tests."""
+        return dict(self.iter_deltas())
+
+    @property
+    def heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each adapter's own heads (modules_to_save), never averaged."""
+        return {a.name: a.heads for a in self.adapters if a.heads}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method.name,
+            "adapters": self.adapter_names,
+            "num_modules": len(self.modules),
+            "left_out": self.left_out,
+        }

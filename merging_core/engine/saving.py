@@ -1,0 +1,136 @@
+"""Save a merge as a PEFT LoRA adapter (`adapter_model.safetensors` + `adapter_config.json`).
+
+- Linear results (uniform, task_vector, weighted_delta) are exact as a concatenated LoRA:
+  B = [c_1 s_1 B_1 | ... | c_n s_n B_n], A = [A_1; ...; A_n], rank = sum of ranks.
+- `weighted` is saved at its own rank.
+- Nonlinear results are factored by a truncated SVD at `save_rank`; the relative Frobenius
+  reconstruction error of each module is measured and recorded.
+Every saved module has scaling 1 (lora_alpha == rank), which keeps rsLoRA and per-module
+alphas of the sources out of the saved config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+
+from merging_core.adapters.loading import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
+from merging_core.engine.merge import MergeOutput, ModuleMerge
+from merging_core.runtime.io import atomic_save_safetensors, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# Below this many columns (or with a rank close to full) an exact SVD is cheap and exact.
+_EXACT_SVD_MAX_DIM = 512
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors (B, A) of `delta` and the relative reconstruction error.
+
+    Uses `torch.svd_lowrank` (randomized, a few power iterations) on large matrices, whose
+    error is measured, not assumed.
+    """
+    matrix = delta.float()
+    smallest = min(matrix.shape)
+    rank = min(rank, smallest)
+    if smallest <= _EXACT_SVD_MAX_DIM or rank * 2 >= smallest:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    else:
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 16, smallest), niter=4)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    root = s.sqrt()
+    lora_B = u * root
+    lora_A = (v * root).T.contiguous()
+    norm = matrix.norm()
+    error = float((matrix - lora_B @ lora_A).norm() / norm) if norm > 0 else 0.0
+    return lora_B.contiguous(), lora_A, error
+
+
+def save_linear(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Exact concatenation when the result is a linear combination; SVD otherwise."""
+    if merged.coefficients is None:
+        return save_svd(merged, save_rank)
+    lora_B = torch.cat(
+        [c * s.scaling * s.lora_B for c, s in zip(merged.coefficients, merged.sources)], dim=1
+    )
+    lora_A = torch.cat([s.lora_A for s in merged.sources], dim=0)
+    return lora_B, lora_A, 0.0
+
+
+def save_factors(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factor-space results are already a LoRA at their own rank."""
+    assert merged.factors is not None
+    lora_B, lora_A = merged.factors
+    return lora_B, lora_A, 0.0
+
+
+def save_svd(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return low_rank(merged.dense(), save_rank)
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def save_merged_adapter(
+    output: MergeOutput,
+    out_dir: Path,
+    *,
+    save_rank: int,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Write the merged adapter into `out_dir`; return a report for the run metadata."""
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    total = len(output.modules)
+    for done, module in enumerate(output.modules, start=1):
+        planned = output.plan_module(module) if output.exact_linear else output.merge_module(module)
+        lora_B, lora_A, error = output.method.save_fn(planned, save_rank)
+        state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lora_A.contiguous()
+        state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lora_B.contiguous()
+        ranks[module] = int(lora_A.shape[0])
+        errors[module] = error
+        if progress is not None:
+            progress(done, total, f"saved {module}")
+
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {module: r for module, r in ranks.items() if r != rank}
+    first = output.adapters[0].config
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=sorted(output.modules),
+        fan_in_fan_out=bool(first.get("fan_in_fan_out", False)),
+        bias="none",
+        init_lora_weights=True,
+        task_type=first.get("task_type"),
+        base_model_name_or_path=first.get("base_model_name_or_path"),
+    )
+    config_dict = config.to_dict()
+    config_dict["peft_type"] = "LORA"
+    config_dict["target_modules"] = sorted(output.modules)
+    atomic_save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_json(out_dir / CONFIG_FILE, config_dict)
+    for adapter_name, heads in output.heads.items():
+        atomic_save_safetensors(heads, out_dir / "heads" / f"{adapter_name}.safetensors")
+
+    relative_errors = list(errors.values())
+    return {
+        "rank": rank,
+        "rank_pattern": pattern,
+        "save_rank": save_rank,
+        "exact": all(e == 0.0 for e in relative_errors),
+        "svd_relative_error_max": max(relative_errors),
+        "svd_relative_error_mean": sum(relative_errors) / len(relative_errors),
+        "svd_relative_error": errors,
+        "heads": {name: f"heads/{name}.safetensors" for name in output.heads},
+    }

@@ -1,0 +1,111 @@
+"""Parameter schemas shared by methods, transforms and optimizers.
+
+A `ParamSpec` validates one value and describes itself for the API; it is the single source
+of each parameter's type, default, range and documentation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from merging_core.errors import ParamError
+
+class ParamKind(str, Enum):
+    FLOAT = "float"
+    INT = "int"
+    BOOL = "bool"
+    # A scalar, or a list with one value per adapter.
+    WEIGHTS = "float_or_list"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One method parameter: its type, default (or REQUIRED), range and documentation."""
+
+    name: str
+    kind: ParamKind
+    doc: str
+    default: Any = REQUIRED
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def _range_text(self) -> str:
+        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+        high = "inf" if self.maximum is None else f"{self.maximum:g}"
+        return f"[{low}, {high}]"
+
+    def _number(self, owner: str, value: Any, *, integer: bool) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise ParamError(f"{owner}: parameter {self.name!r} must be {kind}, got {value!r}")
+        if integer and not float(value).is_integer():
+            raise ParamError(f"{owner}: parameter {self.name!r} must be an integer, got {value!r}")
+        if not math.isfinite(value):
+            raise ParamError(f"{owner}: parameter {self.name!r} must be finite, got {value!r}")
+        if (self.minimum is not None and value < self.minimum) or (
+            self.maximum is not None and value > self.maximum
+        ):
+            raise ParamError(
+                f"{owner}: parameter {self.name!r}={value!r} is out of range; allowed "
+                f"{self._range_text()}"
+            )
+        return int(value) if integer else float(value)
+
+    def validate(self, owner: str, value: Any, n_adapters: int) -> Any:
+        """Return the value normalised to its kind, or raise ParamError naming the parameter."""
+        if self.kind is ParamKind.BOOL:
+            if not isinstance(value, bool):
+                raise ParamError(f"{owner}: parameter {self.name!r} must be true or false")
+            return value
+        if self.kind is ParamKind.INT:
+            return self._number(owner, value, integer=True)
+        if self.kind is ParamKind.FLOAT:
+            return self._number(owner, value, integer=False)
+        if isinstance(value, (list, tuple)):
+            if len(value) != n_adapters:
+                raise ParamError(
+                    f"{owner}: parameter {self.name!r} has {len(value)} values but there are "
+                    f"{n_adapters} adapters; give one value per adapter or a single number"
+                )
+            return [self._number(owner, v, integer=False) for v in value]
+        return self._number(owner, value, integer=False)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON schema-like description for the API and the docs."""
+        number = {"type": "number"}
+        if self.minimum is not None:
+            number["minimum"] = self.minimum
+        if self.maximum is not None:
+            number["maximum"] = self.maximum
+        schema: dict[str, Any]
+        if self.kind is ParamKind.WEIGHTS:
+            schema = {"anyOf": [number, {"type": "array", "items": number}]}
+        elif self.kind is ParamKind.INT:
+            schema = {**number, "type": "integer"}
+        elif self.kind is ParamKind.BOOL:
+            schema = {"type": "boolean"}
+        else:
+            schema = number
+        described = {"name": self.name, "kind": self.kind.value, "required": self.required}
+        described |= {"doc": self.doc, "schema": schema}
+        if not self.required:
+            described["default"] = self.default
+        return described
+
+
+Params = dict[str, Any]

@@ -1,0 +1,1 @@
+"""Plugins around the merge: pre-merge transforms and lambda optimizers."""

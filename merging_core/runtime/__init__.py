@@ -1,0 +1,1 @@
+"""Artifact layout, atomic writes and run metadata."""
