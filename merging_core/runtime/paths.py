@@ -62,24 +62,28 @@ def make_temp_run_dir(runs_root: Path) -> Path:
         raise ArtifactError(f"cannot create a run directory under {runs_root}: {exc}") from exc
 
 
-def discard_run_dir(temp: Path) -> None:
-    shutil.rmtree(temp, ignore_errors=True)
+def claim_run_dir(runs_root: Path, now: datetime | None = None) -> Path:
+    """Claim `runs/run_YYYYMMDD_HHMMSS` with an exclusive mkdir (an empty placeholder).
 
-
-def publish_run_dir(temp: Path, now: datetime | None = None) -> Path:
-    """Atomically rename a finished temp run dir to `run_YYYYMMDD_HHMMSS`.
-
-    Two runs in the same second get `_1`, `_2`, ... suffixes: each claims its name with an
-    exclusive mkdir, then renames the bundle over that empty placeholder, so they never collide.
+    Two runs in the same second get `_1`, `_2`, ... suffixes, so they never collide.
     """
     stamp = (now or datetime.now(timezone.utc)).strftime("run_%Y%m%d_%H%M%S")
     for suffix in range(1000):
-        final = temp.parent / (stamp if suffix == 0 else f"{stamp}_{suffix}")
+        final = Path(runs_root) / (stamp if suffix == 0 else f"{stamp}_{suffix}")
         try:
             final.mkdir()
         except FileExistsError:
             continue
-        # Replace the empty placeholder we just claimed with the finished bundle.
-        temp.replace(final)
         return final
-    raise ArtifactError(f"too many runs in one second under {temp.parent}")
+    raise ArtifactError(f"too many runs in one second under {runs_root}")
+
+
+def publish_run_dir(temp: Path, final: Path) -> None:
+    """Atomically rename the finished bundle over its (empty) claimed placeholder."""
+    temp.replace(final)
+
+
+def discard_run_dir(temp: Path, final: Path | None = None) -> None:
+    shutil.rmtree(temp, ignore_errors=True)
+    if final is not None:
+        shutil.rmtree(final, ignore_errors=True)

@@ -1,0 +1,208 @@
+"""The unified merge config: one schema for merges and sweeps, from YAML or JSON.
+
+`MergeConfig` is what users write (YAML file, HTTP body); `MergeSpec` is the part a single
+merge needs. Unknown keys are errors (`extra="forbid"`), so a typo never passes silently.
+Legacy keys from the seed's migration table are rewritten with a `DeprecationWarning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+LambdaValue = float | list[float]
+
+
+class PluginConfig(BaseModel):
+    """A named plugin (transform or optimizer) with its parameters."""
+
+    model_config = _STRICT
+
+    name: str = Field(description="registered name")
+    params: dict[str, Any] = Field(default_factory=dict, description="plugin parameters")
+
+
+def _plugin(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class LambdaPolicyConfig(BaseModel):
+    """How `lambda` is resolved per module: `scalar` everywhere, or `per_layer` overrides."""
+
+    model_config = _STRICT
+
+    type: Literal["scalar", "per_layer"] = "scalar"
+    default: LambdaValue | None = Field(
+        default=None, description="lambda for modules without an override (else method_params.lambda)"
+    )
+    overrides: dict[int, LambdaValue] = Field(
+        default_factory=dict, description="layer index -> lambda (per_layer only)"
+    )
+
+    @model_validator(mode="after")
+    def _overrides_need_per_layer(self) -> LambdaPolicyConfig:
+        if self.overrides and self.type != "per_layer":
+            raise ValueError("lambda_policy.overrides needs type: per_layer")
+        return self
+
+
+class SearchParamSpace(BaseModel):
+    """One searched dimension: a float or int range."""
+
+    model_config = _STRICT
+
+    type: Literal["float", "int"] = "float"
+    min: float
+    max: float
+    per_adapter: bool = Field(default=False, description="one value per adapter")
+    per_layer: list[int] | None = Field(
+        default=None, description="search a per-layer lambda override for these layer indices"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchParamSpace:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class SearchConfig(BaseModel):
+    """Sweep search: a grid over `grid`, or Bayesian optimisation over `space`."""
+
+    model_config = _STRICT
+
+    type: Literal["grid", "bayes"] = "grid"
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="param -> values")
+    space: dict[str, SearchParamSpace] = Field(default_factory=dict)
+    budget: int = Field(default=20, ge=1, description="number of bayes trials")
+    init_points: int = Field(default=6, ge=1, description="Sobol points before the GP")
+    seed: int = 0
+    acquisition: Literal["qlognei", "logei", "ei"] = "qlognei"
+    warm_start_sweeps: list[str] = Field(default_factory=list)
+    warm_start_max_points: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _has_space(self) -> SearchConfig:
+        if self.type == "grid" and not self.grid:
+            raise ValueError("search.type grid needs search.grid")
+        if self.type == "bayes" and not self.space:
+            raise ValueError("search.type bayes needs search.space")
+        return self
+
+
+class EvalSubsetOverride(BaseModel):
+    model_config = _STRICT
+
+    max_samples: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    shuffle: bool | None = None
+    stratified: bool | None = None
+
+
+class EvalSubsetConfig(BaseModel):
+    """A deterministic evaluation subset; results are namespaced apart from full splits."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    seed: int = 0
+    shuffle: bool = True
+    stratified: bool = False
+    max_samples: int | None = Field(default=None, ge=1)
+    per_task: dict[str, EvalSubsetOverride] = Field(default_factory=dict)
+
+
+class MergeSpec(BaseModel):
+    """What one merge needs: adapters, method and its params, policy, plugins, saving."""
+
+    model_config = _STRICT
+
+    adapters: list[str] = Field(min_length=1)
+    method: str
+    merge_mode: Literal["common", "strict"] = "common"
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[PluginConfig] = Field(default_factory=list)
+    lambda_policy: LambdaPolicyConfig = Field(default_factory=LambdaPolicyConfig)
+    optimizer: PluginConfig = Field(default_factory=lambda: PluginConfig(name="none"))
+    save_merged: bool = False
+    save_rank: int = Field(default=64, ge=1, description="rank of SVD-saved nonlinear merges")
+    output_dir: str | None = Field(default=None, description="artifacts root (default ./artifacts)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique(cls, adapters: list[str]) -> list[str]:
+        duplicates = sorted({a for a in adapters if adapters.count(a) > 1})
+        if duplicates:
+            raise ValueError(f"adapters are listed more than once: {', '.join(duplicates)}")
+        return adapters
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_plugins(cls, data: Any) -> Any:
+        """Accept plugin names as plain strings (`transforms: [identity]`, `optimizer: none`)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("transforms"), list):
+            data["transforms"] = [_plugin(t) for t in data["transforms"]]
+        if "optimizer" in data:
+            data["optimizer"] = _plugin(data["optimizer"] or "none")
+        if isinstance(data.get("lambda_policy"), str):
+            data["lambda_policy"] = {"type": data["lambda_policy"]}
+        return data
+
+
+_LEGACY_KEYS = {
+    "grid": "search.grid (with search.type: grid)",
+    "lambda": "method_params.lambda",
+    "params": "method_params",
+}
+
+
+def migrate_legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the seed's legacy keys; each emits a DeprecationWarning naming the new key."""
+    data = dict(raw)
+    for old, new in _LEGACY_KEYS.items():
+        if old in data:
+            warnings.warn(
+                f"config key {old!r} is deprecated; use {new}", DeprecationWarning, stacklevel=4
+            )
+    if "params" in data:
+        legacy = data.pop("params") or {}
+        data["method_params"] = {**legacy, **(data.get("method_params") or {})}
+    if "lambda" in data:
+        value = data.pop("lambda")
+        data["method_params"] = {"lambda": value, **(data.get("method_params") or {})}
+    if "grid" in data:
+        grid = data.pop("grid")
+        search = dict(data.get("search") or {})
+        search.setdefault("type", "grid")
+        search["grid"] = {**grid, **(search.get("grid") or {})}
+        data["search"] = search
+    return data
+
+
+class MergeConfig(MergeSpec):
+    """The unified merge + sweep config (the seed's schema)."""
+
+    search: SearchConfig | None = None
+    constraint_nonnegative: bool = Field(
+        default=True, description="keep searched lambdas >= 0"
+    )
+    eval_tasks: list[str] | None = Field(default=None, description="tasks to evaluate on")
+    split: str = "test"
+    eval_subset: EvalSubsetConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return migrate_legacy(data)
+
+    def to_spec(self) -> MergeSpec:
+        return MergeSpec(**{name: getattr(self, name) for name in MergeSpec.model_fields})
