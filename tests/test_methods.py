@@ -1,0 +1,204 @@
+"""Every method on real tiny PEFT adapters, and numerical agreement with peft's merge_utils."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from merging_core import list_methods, prepare_merge
+from merging_core.engine.merge import module_generator
+from merging_core.methods import sparsify
+from merging_core.methods.dare_linear import dare_linear
+from merging_core.methods.dare_ties import dare_ties
+from merging_core.methods.magnitude_prune import magnitude_prune
+from merging_core.methods.task_vector import task_vector
+from merging_core.methods.ties import ties
+
+# method -> (params, needs equal ranks / exactly two adapters)
+MATRIX: dict[str, tuple[dict, str]] = {
+    "uniform": ({}, "mixed"),
+    "weighted": ({"lambda": 0.3}, "pair"),
+    "weighted_delta": ({"lambda": [0.2, 0.3, 0.5]}, "mixed"),
+    "task_vector": ({"lambda": 0.7}, "mixed"),
+    "ties": ({"k": 30, "lambda": 1.2}, "mixed"),
+    "dare_linear": ({"density": 0.6, "seed": 3}, "mixed"),
+    "dare_ties": ({"density": 0.6, "seed": 3, "lambda": [1.0, 0.5, 0.8]}, "mixed"),
+    "magnitude_prune": ({"density": 0.3}, "mixed"),
+    "breadcrumbs": ({"density": 0.8, "gamma": 0.05}, "mixed"),
+    "della": ({"density": 0.5, "epsilon": 0.2, "seed": 1}, "mixed"),
+    "slerp": ({"t": 0.25}, "pair"),
+}
+
+
+def test_matrix_covers_every_registered_method() -> None:
+    assert set(MATRIX) == {m.name for m in list_methods()}
+
+
+def _sources(kind: str, adapters: dict[str, Path], pair: dict[str, Path]) -> list[str]:
+    return [str(p) for p in (adapters if kind == "mixed" else pair).values()]
+
+
+@pytest.mark.parametrize("method", sorted(MATRIX))
+def test_every_method_merges_real_adapters(
+    method: str, adapters: dict[str, Path], equal_rank_adapters: dict[str, Path]
+) -> None:
+    params, kind = MATRIX[method]
+    output = prepare_merge(
+        {"adapters": _sources(kind, adapters, equal_rank_adapters), "method": method,
+         "method_params": params}
+    )
+    if kind == "mixed":
+        assert len({a.modules[output.modules[0]].rank for a in output.adapters}) > 1
+    deltas = output.deltas()
+    assert set(deltas) == set(output.modules)
+    for module, delta in deltas.items():
+        source = output.adapters[0].modules[module]
+        assert delta.shape == source.shape
+        assert torch.isfinite(delta).all()
+        assert delta.abs().sum() > 0
+    # Seeded methods are reproducible.
+    again = prepare_merge(
+        {"adapters": _sources(kind, adapters, equal_rank_adapters), "method": method,
+         "method_params": params}
+    ).deltas()
+    for module in deltas:
+        torch.testing.assert_close(deltas[module], again[module], rtol=0, atol=0)
+
+
+def test_linear_methods_are_exact_weighted_sums(adapters: dict[str, Path]) -> None:
+    output = prepare_merge(
+        {"adapters": [str(p) for p in adapters.values()], "method": "weighted_delta",
+         "method_params": {"lambda": [0.2, 0.3, 0.5]}}
+    )
+    for module in output.modules:
+        expected = sum(
+            w * a.modules[module].delta() for w, a in zip([0.2, 0.3, 0.5], output.adapters)
+        )
+        torch.testing.assert_close(output.delta(module), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_with_two_adapters_uses_lambda_and_one_minus(equal_rank_adapters) -> None:
+    output = prepare_merge(
+        {"adapters": [str(p) for p in equal_rank_adapters.values()], "method": "weighted",
+         "method_params": {"lambda": 0.3}}
+    )
+    left, right = output.adapters
+    module = output.modules[0]
+    lm, rm = left.modules[module], right.modules[module]
+    lora_B = 0.3 * lm.scaling * lm.lora_B + 0.7 * rm.scaling * rm.lora_B
+    lora_A = 0.3 * lm.lora_A + 0.7 * rm.lora_A
+    torch.testing.assert_close(output.delta(module), lora_B @ lora_A)
+
+
+def test_rank_pattern_alpha_pattern_and_rslora_scalings(adapters: dict[str, Path]) -> None:
+    output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "uniform"})
+    by_name = {a.name: a for a in output.adapters}
+    beta = by_name["beta"].modules["model.layers.0.self_attn.q_proj"]
+    assert beta.scaling == pytest.approx(16 / 8**0.5)  # rsLoRA
+    gamma = by_name["gamma"].modules
+    assert gamma["model.layers.1.self_attn.q_proj"].rank == 2
+    assert gamma["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(6 / 2)
+    assert gamma["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(4 / 4)
+
+
+def test_per_layer_lambda_policy_resolves_per_key(adapters: dict[str, Path]) -> None:
+    paths = [str(p) for p in adapters.values()]
+    output = prepare_merge(
+        {"adapters": paths, "method": "task_vector",
+         "lambda_policy": {"type": "per_layer", "default": 0.5, "overrides": {1: 2.0}}}
+    )
+    plain = prepare_merge({"adapters": paths, "method": "task_vector", "method_params": {"lambda": 1.0}})
+    for module in output.modules:
+        factor = 2.0 if ".layers.1." in module else 0.5
+        torch.testing.assert_close(output.delta(module), factor * plain.delta(module))
+
+
+def test_transforms_run_before_the_method(adapters: dict[str, Path]) -> None:
+    paths = [str(p) for p in adapters.values()]
+    trimmed = prepare_merge(
+        {"adapters": paths, "method": "task_vector",
+         "transforms": [{"name": "magnitude", "params": {"density": 0.2}}]}
+    )
+    module = trimmed.modules[0]
+    expected = sum(sparsify.magnitude(a.modules[module].delta(), 0.2) for a in trimmed.adapters)
+    torch.testing.assert_close(trimmed.delta(module), expected)
+    with pytest.warns(DeprecationWarning, match="magnitude"):
+        alias = prepare_merge(
+            {"adapters": paths, "method": "task_vector", "transforms": ["ties_scaffold"]}
+        )
+    torch.testing.assert_close(alias.delta(module), expected)
+
+
+# --- agreement with peft.utils.merge_utils on dense deltas -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_deltas(adapters: dict[str, Path]) -> list[list[torch.Tensor]]:
+    output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "uniform"})
+    return [[a.modules[m].delta() for a in output.adapters] for m in output.modules]
+
+
+def test_ties_matches_peft(dense_deltas) -> None:
+    for deltas in dense_deltas:
+        ours = ties(deltas, k=20, lam=1.5)
+        theirs = merge_utils.ties(deltas, torch.ones(len(deltas)), density=0.2) * 1.5
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        weights = [0.5, 1.0, 2.0]
+        ours = ties(deltas, k=35, lam=weights)
+        theirs = merge_utils.ties(deltas, torch.tensor(weights), density=0.35)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_task_vector_and_magnitude_prune_match_peft(dense_deltas) -> None:
+    weights = [0.5, 1.0, 2.0]
+    for deltas in dense_deltas:
+        ours = task_vector(deltas, weights)
+        theirs = merge_utils.task_arithmetic(deltas, torch.tensor(weights))
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        ours = magnitude_prune(deltas, density=0.3, lam=weights)
+        theirs = merge_utils.magnitude_prune(deltas, torch.tensor(weights), density=0.3)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ours_fn, theirs_fn", [(dare_linear, merge_utils.dare_linear),
+                                                (dare_ties, merge_utils.dare_ties)])
+def test_dare_matches_peft_with_fixed_seeds(dense_deltas, ours_fn, theirs_fn) -> None:
+    weights = [0.5, 1.0, 2.0]
+    for seed, deltas in enumerate(dense_deltas):
+        generator = torch.Generator().manual_seed(seed)
+        ours = ours_fn(deltas, density=0.4, lam=weights, generator=generator)
+        torch.manual_seed(seed)
+        theirs = theirs_fn(deltas, torch.tensor(weights), density=0.4)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_module_generators_do_not_depend_on_order() -> None:
+    first = torch.rand(4, generator=module_generator(7, "model.layers.0.q_proj"))
+    torch.rand(4, generator=module_generator(7, "model.layers.1.q_proj"))
+    again = torch.rand(4, generator=module_generator(7, "model.layers.0.q_proj"))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+
+
+def test_magnitude_mask_keeps_exactly_the_top_fraction() -> None:
+    values = torch.randn(40, 25, generator=torch.Generator().manual_seed(0))
+    mask = sparsify.magnitude_mask(values, 0.2)
+    assert int(mask.sum()) == 200
+    kept_min = values.abs()[mask].min()
+    dropped_max = values.abs()[~mask].max()
+    assert kept_min > dropped_max
+
+
+def test_slerp_endpoints_and_breadcrumbs_drop_outliers() -> None:
+    from merging_core.methods.slerp import slerp
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 8, generator=generator), torch.randn(8, 8, generator=generator)
+    torch.testing.assert_close(slerp([a, b], t=0.0), a)
+    torch.testing.assert_close(slerp([a, b], t=1.0), b)
+    crumbs = sparsify.breadcrumbs(a, density=0.5, gamma=0.1)
+    top = a.abs().flatten().argsort(descending=True)
+    assert (crumbs.flatten()[top[:6]] == 0).all()
+    assert int((crumbs != 0).sum()) == 32
