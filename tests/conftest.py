@@ -119,7 +119,9 @@ def bert_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {}
     for seed, (name, labels) in enumerate({"intent": 3, "sentiment": 2}.items()):
         torch.manual_seed(seed)
-        model = BertForSequenceClassification.from_pretrained(base_path, num_labels=labels)
+        model = BertForSequenceClassification.from_pretrained(
+            base_path, num_labels=labels, ignore_mismatched_sizes=True
+        )
         lora = LoraConfig(
             r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
             init_lora_weights=False, task_type="SEQ_CLS",

@@ -14,6 +14,7 @@ from merging_core.methods import (
     dare_linear,
     dare_ties,
     della,
+    linear,
     magnitude_prune,
     slerp,
     task_vector,
@@ -51,6 +52,10 @@ def _della_range(params: dict, n_adapters: int) -> None:
         )
 
 
+def _lambda_pair(params: dict, n_adapters: int) -> None:
+    linear.convex_pair(params["lambda"], n_adapters)
+
+
 BUILTIN_METHODS = (
     MergeMethod(
         name="uniform",
@@ -66,6 +71,7 @@ BUILTIN_METHODS = (
         doc="Weights the LoRA factors A and B themselves (equal ranks); saved at that rank.",
         paper="PEFT add_weighted_adapter(combination_type='linear')",
         params=(_LAMBDA_PAIR,),
+        params_validator=_lambda_pair,
         space="factors",
         merge_in_memory=lambda factors, p: weighted.weighted(factors, p["lambda"]),
         save_fn=saving.save_factors,
@@ -75,6 +81,7 @@ BUILTIN_METHODS = (
         doc="sum_i w_i * delta_i on the dense deltas, exact.",
         paper="Wortsman et al. 2022, Model soups",
         params=(_LAMBDA_PAIR,),
+        params_validator=_lambda_pair,
         merge_in_memory=lambda deltas, p, g: weighted_delta.weighted_delta(deltas, p["lambda"]),
         linear_coefficients=lambda p, n: weighted_delta.coefficients(p["lambda"], n),
         save_fn=saving.save_linear,

@@ -58,7 +58,7 @@ class MergeResult:
 
 
 def _build_policy(
-    config: LambdaPolicyConfig, method: MergeMethod, n_adapters: int
+    config: LambdaPolicyConfig, method: MergeMethod, params: Params, n_adapters: int
 ) -> LambdaPolicy:
     if config.type == "scalar" and config.default is None:
         return LambdaPolicy()
@@ -69,10 +69,14 @@ def _build_policy(
             f"{method.name!r} has none"
         )
     owner = f"lambda_policy.overrides for method {method.name!r}"
-    overrides = {
-        int(layer): spec.validate(f"{owner} (layer {layer})", value, n_adapters)
-        for layer, value in config.overrides.items()
-    }
+    overrides = {}
+    for layer, value in config.overrides.items():
+        overrides[int(layer)] = spec.validate(f"{owner} (layer {layer})", value, n_adapters)
+        if method.params_validator is not None:
+            try:
+                method.params_validator({**params, "lambda": overrides[int(layer)]}, n_adapters)
+            except ValueError as exc:
+                raise ParamError(f"{owner} (layer {layer}): {exc}") from exc
     return LambdaPolicy(kind=config.type, overrides=overrides)
 
 
@@ -117,7 +121,7 @@ def prepare_merge(
     n_adapters = len(spec.adapters)
     method.check_adapter_count(n_adapters)
     params = _method_params(spec, method)
-    policy = _build_policy(spec.lambda_policy, method, n_adapters)
+    policy = _build_policy(spec.lambda_policy, method, params, n_adapters)
     transforms: list[Transform] = [build_transform(t.name, t.params) for t in spec.transforms]
     optimizer, optimizer_params = build_optimizer(spec.optimizer.name, spec.optimizer.params)
 
