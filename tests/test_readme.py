@@ -1,0 +1,21 @@
+"""The README documents every registered method with each of its parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merging_core import list_methods
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_method_and_parameter_is_documented() -> None:
+    rows = {line.split("|")[1].strip(" `"): line for line in README.splitlines()
+            if line.startswith("| `")}
+    for method in list_methods():
+        assert method.name in rows, f"README lacks a row for {method.name}"
+        for param in method.params:
+            assert f"`{param.name}`" in rows[method.name], f"{method.name}.{param.name} undocumented"
+            if not param.required:
+                default = str(param.default).lower() if isinstance(param.default, bool) else f"{param.default:g}"
+                assert f"({default}" in rows[method.name], f"{method.name}.{param.name} default"
