@@ -30,6 +30,8 @@ MATRIX: dict[str, tuple[dict, str]] = {
     "breadcrumbs": ({"density": 0.8, "gamma": 0.05}, "mixed"),
     "della": ({"density": 0.5, "epsilon": 0.2, "seed": 1}, "mixed"),
     "slerp": ({"t": 0.25}, "pair"),
+    "tsv": ({"lambda": 0.9}, "mixed"),
+    "knots": ({"k": 40, "lambda": 1.1}, "mixed"),
 }
 
 
@@ -202,3 +204,56 @@ def test_slerp_endpoints_and_breadcrumbs_drop_outliers() -> None:
     top = a.abs().flatten().argsort(descending=True)
     assert (crumbs.flatten()[top[:6]] == 0).all()
     assert int((crumbs != 0).sum()) == 32
+
+
+# --- SVD-based methods against dense reference computations -----------------------------------
+
+
+def _factors(output, module):
+    return [(a.modules[module].lora_B, a.modules[module].lora_A, a.modules[module].scaling)
+            for a in output.adapters]
+
+
+def test_tsv_matches_a_dense_reference(adapters) -> None:
+    from merging_core.methods.lowrank import polar
+    from merging_core.methods.tsv import tsv
+
+    output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "tsv"})
+    for module in output.modules:
+        us, ss, vs = [], [], []
+        for adapter in output.adapters:
+            source = adapter.modules[module]
+            u, s, vh = torch.linalg.svd(source.delta().double(), full_matrices=False)
+            us.append(u[:, : source.rank])
+            ss.append(s[: source.rank])
+            vs.append(vh[: source.rank].T)
+        expected = polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vs, 1)).T
+        lora_B, lora_A = tsv(_factors(output, module), lam=0.5)
+        torch.testing.assert_close((lora_B @ lora_A).double(), 0.5 * expected, rtol=1e-4, atol=1e-5)
+
+
+def test_knots_matches_a_dense_reference(adapters) -> None:
+    from merging_core.methods.knots import knots
+
+    output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "knots"})
+    for module in output.modules:
+        deltas = [a.modules[module].delta().double() for a in output.adapters]
+        u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+        rank = sum(a.modules[module].rank for a in output.adapters)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        parts = list(vh.split(deltas[0].shape[1], dim=1))
+        merged_v = ties(parts, k=100)  # k=100: no trim, sign election + disjoint mean
+        expected = u @ torch.diag(s) @ merged_v
+        lora_B, lora_A = knots(_factors(output, module), k=100, lam=1.0)
+        torch.testing.assert_close((lora_B @ lora_A).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_decorrelates_tasks(adapters) -> None:
+    from merging_core.methods.tsv import tsv
+
+    output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "tsv"})
+    module = "model.layers.0.mlp.up_proj"
+    lora_B, _ = tsv(_factors(output, module))
+    directions = lora_B / lora_B.norm(dim=0, keepdim=True)
+    gram = directions.T @ directions
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-4, rtol=0)

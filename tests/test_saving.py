@@ -96,6 +96,8 @@ def _apply_in_memory(base: Path, deltas: dict[str, torch.Tensor]) -> LlamaForCau
         ("ties", {"k": 20}, 64),
         ("dare_ties", {"density": 0.5}, 64),
         ("ties", {"k": 20}, 6),
+        ("tsv", {"lambda": 0.9}, 64),
+        ("knots", {"k": 30}, 64),
     ],
 )
 def test_saved_adapter_loads_with_peft_and_gives_the_in_memory_logits(

@@ -14,11 +14,13 @@ from merging_core.methods import (
     dare_linear,
     dare_ties,
     della,
+    knots,
     linear,
     magnitude_prune,
     slerp,
     task_vector,
     ties,
+    tsv,
     uniform,
     weighted,
     weighted_delta,
@@ -73,6 +75,7 @@ BUILTIN_METHODS = (
         params=(_LAMBDA_PAIR,),
         params_validator=_lambda_pair,
         space="factors",
+        same_rank=True,
         merge_in_memory=lambda factors, p: weighted.weighted(factors, p["lambda"]),
         save_fn=saving.save_factors,
     ),
@@ -180,6 +183,29 @@ BUILTIN_METHODS = (
         max_adapters=2,
         merge_in_memory=lambda deltas, p, g: slerp.slerp(deltas, t=p["t"]),
         save_fn=saving.save_svd,
+    ),
+    MergeMethod(
+        name="tsv",
+        doc="Task Singular Vectors: whiten each task's singular vectors against the others, "
+        "recombine; exact low rank (sum of ranks).",
+        paper="Gargiulo et al. 2025, Task Singular Vectors (TSV-M)",
+        params=(ParamSpec("lambda", ParamKind.FLOAT, "scale of the merged delta", 1.0),),
+        space="factors",
+        merge_in_memory=lambda factors, p: tsv.tsv(factors, lam=p["lambda"]),
+        save_fn=saving.save_factors,
+    ),
+    MergeMethod(
+        name="knots",
+        doc="KnOTS: shared SVD basis of the concatenated deltas, TIES over the task-specific "
+        "right singular vectors; exact low rank (sum of ranks).",
+        paper="Stoica et al. 2025, Model merging with SVD to tie the KnOTS",
+        params=(
+            ParamSpec("k", ParamKind.FLOAT, "percent of each task's V entries kept (TIES)", 20.0, 0.0, 100.0),
+            ParamSpec("lambda", ParamKind.FLOAT, "scale of the merged delta", 1.0),
+        ),
+        space="factors",
+        merge_in_memory=lambda factors, p: knots.knots(factors, k=p["k"], lam=p["lambda"]),
+        save_fn=saving.save_factors,
     ),
 )
 

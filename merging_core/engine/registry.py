@@ -50,6 +50,7 @@ class MergeMethod:
     linear_coefficients: CoefficientsFn | None = None
     params_validator: Callable[[Params, int], None] | None = None
     seeded: bool = False
+    same_rank: bool = False  # every adapter must have the same rank in each module
     paper: str = ""
     param_index: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 

@@ -97,8 +97,9 @@ def _check_method_fits(output: MergeOutput) -> None:
         if any(not t.is_identity for t in output.transforms):
             raise ParamError(
                 f"method {output.method.name!r} works on LoRA factors; transforms act on dense "
-                "deltas, so use weighted_delta with transforms instead"
+                "deltas, so use a delta-space method (e.g. weighted_delta) with transforms"
             )
+    if output.method.same_rank:
         unequal = [
             m for m in output.modules if len({a.modules[m].rank for a in output.adapters}) > 1
         ]
