@@ -45,3 +45,11 @@ class NonFiniteWeightsError(AdapterError):
 
 class ArtifactError(MergeError):
     """The artifact directory cannot be written as asked."""
+
+
+class EvaluationError(MergeError):
+    """A task cannot be evaluated as configured (missing head, wrong evaluator for the data)."""
+
+
+class Cancelled(MergeError):
+    """The job was cancelled through its cancel token; model weights were restored."""

@@ -12,12 +12,12 @@ from merging_core.config.schema import MergeConfig
 from merging_core.errors import ConfigError
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, what: str = "merge config") -> str:
     problems = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"]) or "(top level)"
         problems.append(f"{location}: {error['msg']}")
-    return f"invalid merge config {source}: " + "; ".join(problems)
+    return f"invalid {what} {source}: " + "; ".join(problems)
 
 
 def parse_merge_config(data: Any, source: str = "(inline)") -> MergeConfig:

@@ -17,7 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from merging_core.adapters import check_compatible, load_adapter, resolve_adapter_specs
+from merging_core.adapters import (
+    LoraAdapter,
+    check_compatible,
+    load_adapter,
+    resolve_adapter_specs,
+)
 from merging_core.config.loader import parse_merge_config
 from merging_core.config.schema import LambdaPolicyConfig, MergeConfig, MergeSpec
 from merging_core.engine.merge import MergeOutput
@@ -114,8 +119,12 @@ def prepare_merge(
     spec: MergeSpec | MergeConfig | Mapping[str, Any],
     *,
     task_registry: Mapping[str, Path] | None = None,
+    adapter_cache: dict[str, LoraAdapter] | None = None,
 ) -> MergeOutput:
-    """Validate a spec and load its adapters into an in-memory merge; writes nothing."""
+    """Validate a spec and load its adapters into an in-memory merge; writes nothing.
+
+    `adapter_cache` (keyed by name and path) lets sweeps and the service load each adapter once.
+    """
     if isinstance(spec, Mapping):
         spec = parse_merge_config(dict(spec))
     method = get_method(spec.method)
@@ -127,7 +136,16 @@ def prepare_merge(
     optimizer, optimizer_params = build_optimizer(spec.optimizer.name, spec.optimizer.params)
 
     resolved = resolve_adapter_specs(spec.adapters, registry=task_registry)
-    adapters = [load_adapter(path, name) for name, path in resolved]
+    adapters = []
+    for name, path in resolved:
+        key = f"{name}::{Path(path).resolve()}"
+        if adapter_cache is not None and key in adapter_cache:
+            adapters.append(adapter_cache[key])
+            continue
+        adapter = load_adapter(path, name)
+        if adapter_cache is not None:
+            adapter_cache[key] = adapter
+        adapters.append(adapter)
     modules, left_out = check_compatible(adapters, spec.merge_mode)
     if left_out:
         log.info("merge_mode=common leaves out modules: %s", left_out)

@@ -1,0 +1,79 @@
+"""Task data on disk: jsonl, csv or parquet, with configurable columns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merging_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One split of a task: inputs, and labels (classification) or references (generation)."""
+
+    texts: list[str]
+    labels: list[str] | None = None
+    references: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, indices: list[int]) -> TaskData:
+        return TaskData(
+            texts=[self.texts[i] for i in indices],
+            labels=[self.labels[i] for i in indices] if self.labels is not None else None,
+            references=[self.references[i] for i in indices] if self.references is not None else None,
+        )
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f"{path}:{number}: not a JSON object: {exc}") from None
+        return rows
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ConfigError(f"unsupported data file {path}: use .jsonl, .csv or .parquet")
+
+
+def load_task_data(
+    path: Path,
+    *,
+    text_column: str,
+    label_column: str | None = None,
+    reference_column: str | None = None,
+) -> TaskData:
+    """Read a split; a configured column that is missing is an error naming it."""
+    rows = read_rows(path)
+    if not rows:
+        raise ConfigError(f"data file {path} has no rows")
+
+    def column(name: str) -> list[str]:
+        missing = [i for i, row in enumerate(rows) if name not in row]
+        if missing:
+            raise ConfigError(f"{path}: column {name!r} missing (first at row {missing[0] + 1})")
+        return [str(row[name]) for row in rows]
+
+    return TaskData(
+        texts=column(text_column),
+        labels=column(label_column) if label_column else None,
+        references=column(reference_column) if reference_column else None,
+    )

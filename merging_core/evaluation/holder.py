@@ -1,0 +1,183 @@
+"""The model holder: loads the base model once and is the only code that mutates its weights.
+
+`apply(output)` adds the merged deltas in place, module by module, after saving each touched
+weight so that `restore()` puts back the exact original bits. `applied(...)` and `head(...)` are
+context managers whose exit restores, even when evaluation raises or is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from merging_core.engine.merge import MergeOutput
+from merging_core.errors import ConfigError, EvaluationError
+from merging_core.evaluation.cancel import CancelToken, check
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _auto_class(model_class: str):  # type: ignore[no-untyped-def]
+    import transformers
+
+    classes = {
+        "sequence_classification": transformers.AutoModelForSequenceClassification,
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+    }
+    if model_class not in classes:
+        raise ConfigError(f"unknown model_class {model_class!r}; use one of {', '.join(classes)}")
+    return classes[model_class]
+
+
+def _head_target(key: str) -> tuple[str, str]:
+    """`classifier.modules_to_save.default.weight` or `classifier.weight` -> (classifier, weight)."""
+    parts = key.split(".")
+    if "modules_to_save" in parts:
+        index = parts.index("modules_to_save")
+        parts = parts[:index] + parts[index + 2 :]
+    return ".".join(parts[:-1]), parts[-1]
+
+
+class ModelHolder:
+    """One resident base model per worker."""
+
+    load_count = 0  # class-wide: how many times any holder loaded a base model
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_class: str = "sequence_classification",
+        dtype: str = "float32",
+        device: str = "auto",
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = Path(model_path)
+        self.model_class = model_class
+        self.device = resolve_device(device)
+        if dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = _DTYPES[dtype]
+        log.info("loading base model %s on %s (%s)", self.model_path, self.device, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.model: nn.Module = _auto_class(model_class).from_pretrained(
+            self.model_path, dtype=self.dtype
+        )
+        self.model.to(self.device).eval()
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        ModelHolder.load_count += 1
+        self._modules: dict[str, nn.Module] = dict(self.model.named_modules())
+        self._saved_weights: dict[str, torch.Tensor] = {}
+        self.lock = threading.RLock()
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def _weight(self, module: str) -> torch.Tensor:
+        target = self._modules.get(module)
+        if target is None or not isinstance(getattr(target, "weight", None), torch.Tensor):
+            raise EvaluationError(
+                f"the base model has no weight for adapter module {module!r}; was the adapter "
+                f"trained on {self.model_path.name} with model_class {self.model_class}?"
+            )
+        return target.weight
+
+    def apply(self, output: MergeOutput, cancel: CancelToken | None = None) -> None:
+        """Add the merged deltas in place; only one merge may be applied at a time."""
+        if self._saved_weights:
+            raise EvaluationError("a merge is already applied; restore() first")
+        transpose = output.adapters[0].fan_in_fan_out
+        try:
+            with torch.no_grad():
+                for module in output.modules:
+                    check(cancel)
+                    weight = self._weight(module)
+                    delta = output.delta(module)
+                    if transpose:
+                        delta = delta.T
+                    if delta.shape != weight.shape:
+                        raise EvaluationError(
+                            f"module {module}: delta {tuple(delta.shape)} does not fit weight "
+                            f"{tuple(weight.shape)}"
+                        )
+                    self._saved_weights[module] = weight.detach().clone()
+                    weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        except BaseException:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        """Put back the original weights bit for bit."""
+        with torch.no_grad():
+            for module, original in self._saved_weights.items():
+                self._weight(module).copy_(original)
+        self._saved_weights.clear()
+
+    @property
+    def is_pristine(self) -> bool:
+        return not self._saved_weights
+
+    @contextmanager
+    def applied(self, output: MergeOutput | None, cancel: CancelToken | None = None) -> Iterator[None]:
+        """Apply a merge (or nothing, for the base model) for the duration of the block."""
+        with self.lock:
+            if output is not None:
+                self.apply(output, cancel)
+            try:
+                yield
+            finally:
+                self.restore()
+
+    # --- heads -----------------------------------------------------------------------------
+
+    @contextmanager
+    def head(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Swap in a task's own head (its modules_to_save tensors) for the block."""
+        originals: list[tuple[nn.Module, str, nn.Parameter | None, int | None]] = []
+        try:
+            for key, tensor in tensors.items():
+                module_name, attribute = _head_target(key)
+                module = self._modules.get(module_name)
+                if module is None:
+                    raise EvaluationError(f"the base model has no module {module_name!r} for head {key}")
+                original = getattr(module, attribute, None)
+                out_features = getattr(module, "out_features", None)
+                originals.append((module, attribute, original, out_features))
+                setattr(
+                    module,
+                    attribute,
+                    nn.Parameter(tensor.to(self.device, self.dtype), requires_grad=False),
+                )
+                if attribute == "weight" and out_features is not None:
+                    module.out_features = int(tensor.shape[0])
+            yield
+        finally:
+            for module, attribute, original, out_features in reversed(originals):
+                setattr(module, attribute, original)
+                if out_features is not None:
+                    module.out_features = out_features
+
+    def weights_fingerprint(self) -> dict[str, torch.Tensor]:
+        """A copy of every parameter, for tests that check bit-identical restores."""
+        return {name: p.detach().clone() for name, p in self.model.state_dict().items()}

