@@ -201,6 +201,31 @@ class EvalSession:
             adapter_cache=self.adapter_cache,
         )
 
+    def saved_output(self, adapter_dir: str | Path) -> tuple[MergeOutput, dict[str, Any]]:
+        """A saved adapter (e.g. a run bundle) as a merge of one, plus its run metadata if any.
+
+        It is applied through the same holder as in-memory merges: nothing reloads the base.
+        """
+        path = Path(adapter_dir)
+        output = prepare_merge({"adapters": [str(path)], "method": "task_vector"},
+                               adapter_cache=self.adapter_cache)
+        metadata_file = path / "merge_metadata.json"
+        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        return output, metadata
+
+    def evaluate_saved(self, adapter_dir: str | Path, **kwargs: Any) -> EvaluationResult:
+        """Evaluate a saved adapter; results land beside the merge it came from, if known."""
+        output, metadata = self.saved_output(adapter_dir)
+        names = [a["name"] for a in metadata.get("adapters", [])] or output.adapter_names
+        kwargs.setdefault("tasks", [n for n in names if n in self.workspace.tasks] or None)
+        return self.evaluate_merge(
+            output,
+            merge_tag=f"saved_{metadata.get('merge_tag', Path(adapter_dir).name)}",
+            layout=(metadata.get("method", "saved"), names),
+            run_dir=Path(adapter_dir) if metadata else None,
+            **kwargs,
+        )
+
     def head(self, task: str) -> dict[str, torch.Tensor]:
         heads = self.adapter(task).heads
         if not heads and self.holder.model_class == "sequence_classification":
@@ -298,11 +323,15 @@ class EvalSession:
         record: Mapping[str, Any] | None = None,
         with_base: bool = True,
         write: bool = True,
+        layout: tuple[str, list[str]] | None = None,
         cancel: CancelToken | None = None,
         progress: Progress | None = None,
     ) -> EvaluationResult:
         """Evaluate a merge on `tasks` (default: the merged adapters that are workspace tasks),
-        compute interference against each task's own adapter, and write every output."""
+        compute interference against each task's own adapter, and write every output.
+
+        `layout` = (method, adapter names) files the results under another merge's directory
+        (used for saved adapters)."""
         tasks = list(tasks) if tasks else [n for n in output.adapter_names if n in self.workspace.tasks]
         if not tasks:
             raise EvaluationError(
@@ -324,11 +353,12 @@ class EvalSession:
                 interference_delta=interference_delta(merged[task].primary, reference.primary, direction),
                 normalized=normalized_score(merged[task].primary, reference.primary, direction),
             )
+        method, adapter_names = layout or (output.method.name, output.adapter_names)
         result = EvaluationResult(
             id=entry_id or uuid.uuid4().hex,
             merge_tag=merge_tag,
-            method=output.method.name,
-            adapters=output.adapter_names,
+            method=method,
+            adapters=list(adapter_names),
             split=split,
             subset=subset_namespace(subset),
             tasks=results,
@@ -339,7 +369,7 @@ class EvalSession:
         return result
 
     def _write(self, output: MergeOutput, result: EvaluationResult, run_dir: Path | None) -> None:
-        combo_dir = merged_dir(self.root, output.method.name, output.adapter_names)
+        combo_dir = merged_dir(self.root, result.method, result.adapters)
         eval_dir = combo_dir / "eval" / result.split
         if result.subset:
             eval_dir = eval_dir / result.subset
@@ -354,7 +384,7 @@ class EvalSession:
         for task, task_result in result.tasks.items():
             per_task = eval_dir / "per_task" / task / f"{task}_{tag}_metrics.json"
             atomic_write_json(per_task, task_result.to_dict())
-            others = [a for a in output.adapter_names if a != task] or [task]
+            others = [a for a in result.adapters if a != task] or [task]
             link_dir = self.root / safe_component(task) / "metrics" / "eval" / result.split
             if result.subset:
                 link_dir = link_dir / result.subset

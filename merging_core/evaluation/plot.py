@@ -1,0 +1,65 @@
+"""Sweep plots (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from merging_core.runtime.io import atomic_write  # noqa: E402
+
+
+def _numeric_dims(trials: Sequence[Any]) -> list[str]:
+    names = list(trials[0].point)
+    return [n for n in names if all(isinstance(t.point[n], (int, float)) for t in trials)]
+
+
+def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path) -> None:
+    """One dim: each task's delta and the objective along it; two dims: the objective (and each
+    task's delta) over the plane; more: the objective by trial."""
+    if not trials:
+        raise ValueError("no trials")
+    dims = _numeric_dims(trials)
+    n_dims = len(trials[0].point)
+    if n_dims == 1 and dims:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        ordered = sorted(trials, key=lambda t: t.point[dims[0]])
+        xs = [t.point[dims[0]] for t in ordered]
+        for task in tasks:
+            axis.plot(xs, [t.interference_delta[task] for t in ordered], marker="o", label=f"{task} delta")
+        axis.plot(xs, [t.objective for t in ordered], marker="s", color="black", linewidth=2,
+                  label="min over tasks (objective)")
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_xlabel(dims[0])
+        axis.set_ylabel("interference delta (higher is better)")
+        axis.legend()
+    elif n_dims == 2 and len(dims) == 2:
+        panels = ["objective", *tasks]
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+        for axis, panel in zip(axes[0], panels):
+            values = [t.objective if panel == "objective" else t.interference_delta[panel] for t in trials]
+            scatter = axis.scatter([t.point[dims[0]] for t in trials], [t.point[dims[1]] for t in trials],
+                                   c=values, cmap="viridis", s=60)
+            figure.colorbar(scatter, ax=axis)
+            axis.set_xlabel(dims[0])
+            axis.set_ylabel(dims[1])
+            axis.set_title("min over tasks" if panel == "objective" else f"{panel} delta")
+    else:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        ordered = sorted(trials, key=lambda t: t.index)
+        objectives = [t.objective for t in ordered]
+        running = [max(objectives[: i + 1]) for i in range(len(objectives))]
+        axis.plot([t.index for t in ordered], objectives, marker="o", linestyle="", label="trial")
+        axis.plot([t.index for t in ordered], running, color="black", label="best so far")
+        axis.set_xlabel("trial")
+        axis.set_ylabel("min interference delta")
+        axis.legend()
+    figure.suptitle("sweep: max-min interference")
+    figure.tight_layout()
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
+    plt.close(figure)
