@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ def load_warm_start(
     """Points from earlier sweeps that match this one; the rest are reported with a reason."""
     used: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    names = sorted(d.name for d in dimensions)
+    names = sorted(d.name for d in dimensions) if dimensions else sorted(search.grid)
     cap = search.warm_start_max_points
     for source in search.warm_start_sweeps:
         files = _summary_files(source)
@@ -232,6 +233,10 @@ def _suggest(
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
     torch.manual_seed(seed)
+    # A flat or tiny objective makes the GP fit and acquisition warn loudly; the proposal is
+    # still valid, so keep those warnings out of the user's terminal.
+    warnings.filterwarnings("ignore", module="botorch")
+    warnings.filterwarnings("ignore", module="linear_operator")
     train_x = torch.tensor(observed_x, dtype=torch.float64)
     train_y = torch.tensor(observed_y, dtype=torch.float64).unsqueeze(-1)
     model = SingleTaskGP(train_x, train_y, outcome_transform=Standardize(m=1))
