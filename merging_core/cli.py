@@ -1,7 +1,10 @@
-"""`lora-merge`: the command-line interface (the seed's `main.py merge`).
+"""`lora-merge`: the command-line interface (the seed's `main.py merge|merge-sweep|evaluate-merged`).
 
     lora-merge merge --config configs/merge/merge_ties.yaml --save
     lora-merge merge --adapters intent sentiment --method weighted --lambda 0.7 --workspace ws.yaml
+    lora-merge evaluate --config configs/merge/merge_ties.yaml --workspace ws.yaml
+    lora-merge evaluate --adapter artifacts/merged/ties/.../runs/run_... --workspace ws.yaml
+    lora-merge sweep --config configs/merge/merge_weighted_delta_sweep_bayes.yaml --workspace ws.yaml
     lora-merge methods
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -60,7 +64,8 @@ def _merge_config(args: argparse.Namespace) -> Any:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     config = _merge_config(args)
-    registry = load_task_registry(args.workspace) if args.workspace else None
+    workspace = _workspace_path(args)
+    registry = load_task_registry(workspace) if args.workspace or workspace.is_file() else None
     result = run_merge(
         config,
         task_registry=registry,
@@ -78,6 +83,123 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_WORKSPACE = Path("workspaces/demo/workspace.yaml")
+
+
+def _workspace_path(args: argparse.Namespace) -> Path:
+    path = args.workspace or os.environ.get("LORA_MERGE_WORKSPACE") or DEFAULT_WORKSPACE
+    return Path(path)
+
+
+class _ProgressBar:
+    """A tqdm bar on a terminal, log lines otherwise."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int, message: str, extra: dict[str, Any]) -> None:
+        best = extra.get("best")
+        suffix = f" best={best['objective']:.4f}" if best else ""
+        if not sys.stderr.isatty():
+            logging.getLogger("lora-merge").info("%s %d/%d %s%s", self.description, done, total,
+                                                 message, suffix)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.description, file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_postfix_str(f"{message}{suffix}", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _session(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from merging_core.evaluation.evaluate import EvalSession
+    from merging_core.evaluation.workspace import load_workspace
+
+    workspace = load_workspace(_workspace_path(args))
+    return EvalSession.from_workspace(workspace, args.output_dir or "artifacts", device=args.device)
+
+
+def _subset(args: argparse.Namespace, config: Any) -> Any:
+    if args.max_samples:
+        from merging_core.config import EvalSubsetConfig
+
+        return EvalSubsetConfig(max_samples=args.max_samples, stratified=True)
+    return config.eval_subset if config is not None else None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if bool(args.adapter) == bool(args.config or args.adapters):
+        raise MergeError("give either --adapter DIR (a saved adapter) or a merge (--config/--adapters)")
+    session = _session(args)
+    bar = _ProgressBar("evaluate")
+    try:
+        if args.adapter:
+            result = session.evaluate_saved(
+                args.adapter, tasks=args.tasks, split=args.split or "test",
+                subset=_subset(args, None), progress=bar,
+            )
+        else:
+            config = _merge_config(args)
+            merged = run_merge(config, task_registry=session.workspace.task_registry(),
+                               artifacts_dir=session.root, save=True if args.save else None)
+            result = session.evaluate_merge(
+                merged.output, merge_tag=merged.merge_tag,
+                tasks=args.tasks or config.eval_tasks, split=args.split or config.split,
+                subset=_subset(args, config), run_dir=merged.run_dir, progress=bar,
+            )
+    finally:
+        bar.close()
+    print(json.dumps({
+        "merge_tag": result.merge_tag,
+        "objective_min_delta": result.objective,
+        "metrics": result.metrics,
+        "interference_delta": result.deltas,
+        "results_file": str(result.results_file),
+    }, indent=2))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from merging_core.evaluation.sweep import run_sweep
+
+    config = _merge_config(args)
+    search = config.search.model_dump(exclude_unset=True) if config.search else {}
+    if args.search_type:
+        search["type"] = args.search_type
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep:
+            raise MergeError(f"--grid expects NAME=V1,V2,..., got {item!r}")
+        search.setdefault("grid", {})[key] = [_value(v) for v in values.split(",")]
+    if args.budget:
+        search["budget"] = args.budget
+    config = parse_merge_config({**config.model_dump(exclude_unset=True), "search": search},
+                                args.config or "(command line)")
+    session = _session(args)
+    bar = _ProgressBar("sweep")
+    try:
+        result = run_sweep(config, session, progress=bar)
+    finally:
+        bar.close()
+    best = result.best
+    print(json.dumps({
+        "sweep_id": result.sweep_id,
+        "summary": str(result.summary_path),
+        "plot": str(result.plot_path) if result.plot_path else None,
+        "trials": len(result.trials),
+        "resumed_trials": result.resumed_trials,
+        "best": {"point": best.point, "objective": best.objective, "metrics": best.metrics},
+    }, indent=2))
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     described = [m.describe() for m in list_methods()]
     if args.json:
@@ -91,23 +213,45 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="merge config YAML (the unified schema)")
+    parser.add_argument("--adapters", nargs="+", help="task names or adapter directories")
+    parser.add_argument("--method", help="merge method (see `lora-merge methods`)")
+    parser.add_argument("--lambda", dest="lambda_", help="method_params.lambda: 0.5 or [0.3,0.7]")
+    parser.add_argument("--param", action="append", default=[], help="method param NAME=VALUE")
+    parser.add_argument("--merge-mode", choices=["common", "strict"])
+    parser.add_argument("--save", action="store_true", help="save the merged adapter")
+    parser.add_argument("--save-rank", type=int, help="rank of SVD-saved nonlinear merges")
+    parser.add_argument("--workspace", help="workspace file (default: $LORA_MERGE_WORKSPACE or "
+                        "workspaces/demo/workspace.yaml); also the task registry for task names")
+    parser.add_argument("--output-dir", help="artifacts root (default: config output_dir or ./artifacts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-merge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
 
     merge = commands.add_parser("merge", help="merge adapters and write a run bundle")
-    merge.add_argument("--config", help="merge config YAML (the unified schema)")
-    merge.add_argument("--adapters", nargs="+", help="task names or adapter directories")
-    merge.add_argument("--method", help="merge method (see `lora-merge methods`)")
-    merge.add_argument("--lambda", dest="lambda_", help="method_params.lambda: 0.5 or [0.3,0.7]")
-    merge.add_argument("--param", action="append", default=[], help="method param NAME=VALUE")
-    merge.add_argument("--merge-mode", choices=["common", "strict"])
-    merge.add_argument("--save", action="store_true", help="save the merged adapter")
-    merge.add_argument("--save-rank", type=int, help="rank of SVD-saved nonlinear merges")
-    merge.add_argument("--workspace", help="workspace/task registry YAML for task names")
-    merge.add_argument("--output-dir", help="artifacts root (default: config output_dir or ./artifacts)")
+    _merge_flags(merge)
     merge.set_defaults(handler=_cmd_merge)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a merge (in memory) or a saved adapter")
+    _merge_flags(evaluate)
+    evaluate.add_argument("--adapter", help="a saved adapter directory (e.g. a run bundle)")
+    evaluate.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the merged tasks)")
+    evaluate.add_argument("--split", help="data split (default: the config's, else test)")
+    evaluate.add_argument("--max-samples", type=int, help="evaluate on a stratified subset")
+    evaluate.add_argument("--device", help="override the workspace device (cpu, cuda)")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    sweep = commands.add_parser("sweep", help="search merge coefficients (grid or bayes)")
+    _merge_flags(sweep)
+    sweep.add_argument("--search-type", choices=["grid", "bayes"], help="override search.type")
+    sweep.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... grid values")
+    sweep.add_argument("--budget", type=int, help="override search.budget")
+    sweep.add_argument("--device", help="override the workspace device (cpu, cuda)")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.add_argument("--json", action="store_true")

@@ -65,3 +65,23 @@ def test_run_bundle_contents_and_same_second_runs(adapters, tmp_path) -> None:
     assert summary["run_id"] == first.run_dir.name and summary["saved"]
     leftovers = [p for p in first.run_dir.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_cli_evaluate_and_sweep_on_a_workspace(tiny_workspace, tmp_path, capsys) -> None:
+    out = tmp_path / "artifacts"
+    common = ["--workspace", str(tiny_workspace), "--output-dir", str(out)]
+    assert main(["evaluate", "--adapters", "topic", "mood", "--method", "ties", "--save",
+                 "--max-samples", "12", *common]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert set(evaluated["metrics"]) == {"topic", "mood"}
+    run_dir = next((out / "merged" / "ties" / "mood_topic" / "runs").iterdir())
+    assert main(["evaluate", "--adapter", str(run_dir), "--max-samples", "12", *common]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["merge_tag"].startswith("saved_ties")
+    assert main(["sweep", "--adapters", "topic", "mood", "--method", "weighted_delta",
+                 "--search-type", "grid", "--grid", "lambda=0.2,0.8", *common]) == 0
+    swept = json.loads(capsys.readouterr().out)
+    assert swept["trials"] == 2 and Path(swept["summary"]).is_file()
+    assert main(["evaluate", "--adapters", "topic", "mood", "--method", "ties", "--tasks", "asr",
+                 *common]) == 2
+    assert "unknown task 'asr'" in capsys.readouterr().err
