@@ -217,7 +217,8 @@ class EvalSession:
         """Evaluate a saved adapter; results land beside the merge it came from, if known."""
         output, metadata = self.saved_output(adapter_dir)
         names = [a["name"] for a in metadata.get("adapters", [])] or output.adapter_names
-        kwargs.setdefault("tasks", [n for n in names if n in self.workspace.tasks] or None)
+        if not kwargs.get("tasks"):
+            kwargs["tasks"] = [n for n in names if n in self.workspace.tasks] or None
         return self.evaluate_merge(
             output,
             merge_tag=f"saved_{metadata.get('merge_tag', Path(adapter_dir).name)}",
