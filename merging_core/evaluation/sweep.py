@@ -233,10 +233,6 @@ def _suggest(
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
     torch.manual_seed(seed)
-    # A flat or tiny objective makes the GP fit and acquisition warn loudly; the proposal is
-    # still valid, so keep those warnings out of the user's terminal.
-    warnings.filterwarnings("ignore", module="botorch")
-    warnings.filterwarnings("ignore", module="linear_operator")
     train_x = torch.tensor(observed_x, dtype=torch.float64)
     train_y = torch.tensor(observed_y, dtype=torch.float64).unsqueeze(-1)
     model = SingleTaskGP(train_x, train_y, outcome_transform=Standardize(m=1))
@@ -251,6 +247,14 @@ def _suggest(
     bounds = torch.stack([torch.zeros(dims), torch.ones(dims)]).to(torch.float64)
     candidate, _ = optimize_acqf(acq, bounds=bounds, q=1, num_restarts=8, raw_samples=256)
     return [float(v) for v in candidate[0].clamp(0, 1)]
+
+
+def _suggest_quietly(*args: Any) -> list[float]:
+    # A flat or noisy objective makes the GP fit and the acquisition optimiser warn loudly;
+    # the proposal is still valid, so keep those warnings out of the user's terminal.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _suggest(*args)
 
 
 def _grid_points(config: MergeConfig, dimensions: list[Dimension]) -> list[dict[str, Any]]:
@@ -414,7 +418,7 @@ class Sweep:
                 source = "sobol"
             else:
                 observed = [*warm, *(t.to_dict() for t in trials)]
-                unit = _suggest(
+                unit = _suggest_quietly(
                     [[d.to_unit(o["point"][d.name]) for d in self.dimensions] for o in observed],
                     [o["objective"] for o in observed],
                     len(self.dimensions), self.search.acquisition, self.search.seed * 7919 + index,
