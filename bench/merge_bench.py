@@ -64,7 +64,8 @@ QUICK_LAYERS = 2
 LORA_RANK = 16
 LORA_ALPHA = 32
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_NAMES = ("a", "b", "c")
+# Not substrings of "lora_": PEFT warns that such names may be re-initialised on load.
+ADAPTER_NAMES = ("task1", "task2", "task3")
 ADAPTER_SEEDS = (1, 2, 3)
 TIES_K = 20.0  # percent kept, ours
 DENSITY = TIES_K / 100.0  # fraction kept, PEFT
@@ -267,9 +268,11 @@ class CaseResult:
     case: str
     load_s: float
     seconds: float
+    cpu_s: float  # process CPU time (all threads) during the merge
     baseline_mb: float
     peak_added_mb: float
     memory_source: str
+    load_average: float  # 1-minute system load average just before the merge
     note: str = ""
 
 
@@ -292,15 +295,17 @@ def _run_ours(workdir: Path, case: str, method: str, save: bool) -> CaseResult:
     output = prepare_merge(_ours_spec(workdir, method))
     load_s = time.perf_counter() - started
     note = f"{len(output.modules)} modules"
+    load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=workdir) as out_dir:
         with measure_peak() as memory:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if save:
                 report = save_merged_adapter(output, Path(out_dir), save_rank=SAVE_RANK)
             else:
                 for _module, delta in output.iter_deltas():
                     del delta
             seconds = time.perf_counter() - started
+            cpu_s = time.process_time() - cpu_started
     if save:
         note += (
             f"; saved rank {report['rank']}, max relative SVD error "
@@ -310,9 +315,11 @@ def _run_ours(workdir: Path, case: str, method: str, save: bool) -> CaseResult:
         case=case,
         load_s=load_s,
         seconds=seconds,
+        cpu_s=cpu_s,
         baseline_mb=memory.baseline_bytes / MB,
         peak_added_mb=memory.added_bytes / MB,
         memory_source=memory.source,
+        load_average=load_average,
         note=note,
     )
 
@@ -331,8 +338,9 @@ def _run_peft(workdir: Path, case: str, combination_type: str) -> CaseResult:
     if combination_type != "cat":
         kwargs = {"density": DENSITY, "svd_rank": SAVE_RANK}
     torch.manual_seed(0)  # dare draws from the global generator
+    load_average = os.getloadavg()[0]
     with torch.no_grad(), measure_peak() as memory:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.add_weighted_adapter(
             list(ADAPTER_NAMES),
             [1.0] * len(ADAPTER_NAMES),
@@ -341,14 +349,17 @@ def _run_peft(workdir: Path, case: str, combination_type: str) -> CaseResult:
             **kwargs,
         )
         seconds = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
     rank = model.peft_config["merged"].r
     return CaseResult(
         case=case,
         load_s=load_s,
         seconds=seconds,
+        cpu_s=cpu_s,
         baseline_mb=memory.baseline_bytes / MB,
         peak_added_mb=memory.added_bytes / MB,
         memory_source=memory.source,
+        load_average=load_average,
         note=f"merged rank {rank}" + (f", density {DENSITY}" if "density" in kwargs else ""),
     )
 
@@ -374,10 +385,14 @@ LABELS = {
 }
 
 
-def run_case_in_subprocess(case: str, workdir: Path, threads: int | None) -> CaseResult:
+def run_case_in_subprocess(
+    case: str, workdir: Path, threads: int | None, flush_denormal: bool
+) -> CaseResult:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--workdir", str(workdir)]
     if threads is not None:
         command += ["--threads", str(threads)]
+    if flush_denormal:
+        command.append("--flush-denormal")
     completed = subprocess.run(
         command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ}
     )
@@ -405,7 +420,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def header_lines(layers: int, inputs: Inputs, threads: int | None) -> list[str]:
+def header_lines(
+    layers: int, inputs: Inputs, threads: int | None, flush_denormal: bool
+) -> list[str]:
     import peft
     import transformers
 
@@ -420,10 +437,15 @@ def header_lines(layers: int, inputs: Inputs, threads: int | None) -> list[str]:
         f"{inputs.adapters_bytes / MB:.1f} MB in all",
         f"- torch {torch.__version__}, peft {peft.__version__}, transformers "
         f"{transformers.__version__}, Python {platform.python_version()}",
-        f"- CPU: {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch_threads}",
-        "- Each case runs in a fresh subprocess; seconds time the merge call only (load s: "
-        "loading its inputs). Peak MB added = peak RSS during the merge minus RSS just before "
-        "it. Baseline for ours: the 3 loaded adapters; for peft: the base model + 3 adapters.",
+        f"- CPU: {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch_threads}, "
+        f"flush denormals {'on' if flush_denormal else 'off (torch default)'}",
+        "- peft's SVD variants call `torch.linalg.svd` (full_matrices=True, their default); "
+        f"ours `ties` save uses `torch.svd_lowrank` at rank {SAVE_RANK} and measures its error.",
+        "- Each case runs in a fresh subprocess; seconds time the merge call only (wall clock; "
+        "CPU s: the process's CPU time over all threads; load s: loading its inputs). Peak MB added = peak RSS during the merge minus RSS just before "
+        "it. Baseline for ours: the 3 loaded adapters; for peft: the base model + 3 adapters. "
+        "Load avg: the 1-minute system load average before the merge (above the thread count, "
+        "other processes competed for the cores).",
     ]
 
 
@@ -440,13 +462,13 @@ def _verdict(ok: bool) -> str:
 def report_lines(results: Sequence[CaseResult], inputs: Inputs) -> list[str]:
     by_case = {r.case: r for r in results}
     lines = [
-        "| case | seconds | load s | peak MB added | baseline RSS MB | notes |",
-        "|---|---:|---:|---:|---:|---|",
+        "| case | seconds | CPU s | load s | peak MB added | baseline RSS MB | load avg | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
-            f"| {LABELS[r.case]} | {r.seconds:.2f} | {r.load_s:.1f} | {r.peak_added_mb:.0f} | "
-            f"{r.baseline_mb:.0f} | {r.note} |"
+            f"| {LABELS[r.case]} | {r.seconds:.2f} | {r.cpu_s:.1f} | {r.load_s:.1f} | {r.peak_added_mb:.0f} | "
+            f"{r.baseline_mb:.0f} | {r.load_average:.1f} | {r.note} |"
         )
     reference_dense = REFERENCE_LAYERS * inputs.per_layer_dense_bytes
     reference_bytes = reference_dense + inputs.adapters_bytes
@@ -503,6 +525,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="torch.set_flush_denormal(True) in every case (LAPACK's SVD slows down on subnormals)",
+    )
     parser.add_argument("--write", action="store_true", help=f"also write {RESULTS_FILE}")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # subprocess
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)  # subprocess
@@ -513,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
     if args.case is not None:
         if args.workdir is None:
             raise SystemExit("--case needs --workdir")
@@ -535,11 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for case in args.cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
-            result = run_case_in_subprocess(case, workdir, args.threads)
+            result = run_case_in_subprocess(case, workdir, args.threads, args.flush_denormal)
             print(f"  {result.seconds:.2f} s, peak +{result.peak_added_mb:.0f} MB",
                   file=sys.stderr, flush=True)
             results.append(result)
-    text = "\n".join(header_lines(layers, inputs, args.threads) + [""] + report_lines(results, inputs))
+    header = header_lines(layers, inputs, args.threads, args.flush_denormal)
+    text = "\n".join(header + [""] + report_lines(results, inputs))
     print(text)
     if args.write:
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,24 +132,40 @@ class EvaluationResult:
 class EvalSession:
     """Evaluation on one resident model, with caches; one per worker."""
 
-    def __init__(self, workspace: Workspace, holder: ModelHolder, artifacts_dir: str | Path) -> None:
+    def __init__(
+        self,
+        workspace: Workspace,
+        holder: ModelHolder,
+        artifacts_dir: str | Path,
+        *,
+        index_listener: Callable[[Path, dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`index_listener(index_path, entry)` is called after each index append (e.g. to
+        mirror the index into a database)."""
         self.workspace = workspace
         self.holder = holder
         self.root = Path(artifacts_dir)
+        self.index_listener = index_listener
         self.adapter_cache: dict[str, LoraAdapter] = {}
         self._data: dict[tuple[str, str], TaskData] = {}
         self._labels: dict[str, list[str]] = {}
 
     @classmethod
     def from_workspace(
-        cls, workspace: Workspace, artifacts_dir: str | Path, *, device: str | None = None
+        cls,
+        workspace: Workspace,
+        artifacts_dir: str | Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        index_listener: Callable[[Path, dict[str, Any]], None] | None = None,
     ) -> EvalSession:
         base = workspace.spec.base_model
         holder = ModelHolder(
-            workspace.base_model_path(), model_class=base.model_class, dtype=base.dtype,
+            workspace.base_model_path(), model_class=base.model_class, dtype=dtype or base.dtype,
             device=device or base.device,
         )
-        return cls(workspace, holder, artifacts_dir)
+        return cls(workspace, holder, artifacts_dir, index_listener=index_listener)
 
     # --- data, labels, heads ---------------------------------------------------------------
 
@@ -412,4 +428,7 @@ class EvalSession:
             "run_id": Path(run_dir).name if run_dir else None,
             **{k: v for k, v in result.extra.items() if k in ("sweep_id", "trial", "job_id")},
         }
-        update_results_index(combo_dir / "eval" / "index.json", entry)
+        index_path = combo_dir / "eval" / "index.json"
+        update_results_index(index_path, entry)
+        if self.index_listener is not None:
+            self.index_listener(index_path, entry)

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,7 +370,14 @@ class Sweep:
         atomic_write_json(self._trial_path(index), trial.to_dict())
         return trial
 
-    def run(self, *, cancel: CancelToken | None = None, progress: Progress | None = None) -> SweepResult:
+    def run(
+        self,
+        *,
+        cancel: CancelToken | None = None,
+        progress: Progress | None = None,
+        on_trial: Callable[[Trial], None] | None = None,
+    ) -> SweepResult:
+        """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too)."""
         warm, skipped = ([], [])
         if self.search.warm_start_sweeps:
             warm, skipped = load_warm_start(self.search, self.context, self.dimensions, self.sweep_id)
@@ -381,6 +388,8 @@ class Sweep:
 
         def progressed(trial: Trial) -> None:
             nonlocal best
+            if on_trial is not None:
+                on_trial(trial)
             if best is None or trial.objective > best.objective:
                 best = trial
             report(progress, len(trials), total, f"trial {trial.index} objective {trial.objective:.4f}",
@@ -471,6 +480,7 @@ def run_sweep(
     *,
     cancel: CancelToken | None = None,
     progress: Progress | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SweepResult:
     """Run (or resume) the sweep that `config.search` describes."""
-    return Sweep(config, session).run(cancel=cancel, progress=progress)
+    return Sweep(config, session).run(cancel=cancel, progress=progress, on_trial=on_trial)

@@ -1,0 +1,122 @@
+"""RFC 9457 problem+json for every error, mapped in this one module.
+
+Library errors (`merging_core.MergeError` and subclasses) become 422 (or 403 for paths outside
+the allowed roots, which the service checks before opening anything); service errors carry their
+own status; request validation errors list each bad field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ServiceError
+from merging_core.errors import Cancelled, MergeError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail."""
+
+    type: str = Field(default="about:blank", examples=["about:blank"])
+    title: str = Field(examples=["Invalid request"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["method 'ties': parameter 'k'=120 is out of range; allowed [0, 100]"])
+    instance: str | None = Field(default=None, examples=["/merges"])
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="one item per invalid field (validation errors)"
+    )
+
+
+_DESCRIPTIONS = {
+    401: "Missing bearer token",
+    403: "Wrong token, or a path outside the allowed roots",
+    404: "Not found",
+    409: "Conflict with the job's state",
+    413: "Request body too large",
+    422: "Invalid request (names the bad field, parameter or path)",
+    429: "Too many queued jobs",
+    503: "The base model is not loaded yet",
+}
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting problem+json errors."""
+    return {
+        code: {
+            "description": _DESCRIPTIONS[code],
+            "model": Problem,
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for code in codes
+    }
+
+
+def problem(status: int, title: str, detail: str, request: Request | None = None,
+            errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = Problem(title=title, status=status, detail=detail,
+                   instance=request.url.path if request else None, errors=errors)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status,
+                        media_type=PROBLEM_JSON, headers=headers)
+
+
+def _validation_detail(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    items = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            items.append({"field": "(body)", "message": f"the body is not valid JSON: {reason}"})
+            continue
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        items.append({"field": location or "(body)", "message": error.get("msg", "invalid")})
+    detail = "; ".join(f"{i['field']}: {i['message']}" for i in items) or "invalid request"
+    return detail, items
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, items = _validation_detail(list(exc.errors()))
+        return problem(422, "Invalid request", detail, request, items)
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return problem(exc.status, exc.title, str(exc), request, headers=headers)
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
+        return problem(409, "Cancelled", str(exc), request)
+
+    @app.exception_handler(MergeError)
+    async def _merge(request: Request, exc: MergeError) -> JSONResponse:
+        return problem(422, "Invalid request", str(exc), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        return problem(exc.status_code, title, str(exc.detail), request)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem(500, "Internal error", "an unexpected error occurred; see the server log",
+                       request)
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """The structured `error` of a failed job."""
+    if isinstance(exc, ServiceError):
+        return {"type": type(exc).__name__, "status": exc.status, "detail": str(exc)}
+    if isinstance(exc, MergeError):
+        return {"type": type(exc).__name__, "status": 422, "detail": str(exc)}
+    return {"type": type(exc).__name__, "status": 500, "detail": str(exc) or type(exc).__name__}

@@ -1,0 +1,114 @@
+"""Read-only catalogue: methods (from the registry), tasks, evaluations (SQLite mirror), runs."""
+
+from __future__ import annotations
+
+import io
+import re
+import json
+import zipfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+
+from app import crud
+from app.api.deps import DbDep, RuntimeDep
+from app.api.errors import problem_responses
+from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
+from app.errors import Conflict, NotFound
+from merging_core.engine import list_methods
+
+router = APIRouter(tags=["catalogue"])
+_RUN_ID = r"^run_\d{8}_\d{6}(_\d+)?$"
+
+
+@router.get("/methods", response_model=list[MethodRead], operation_id="list_methods",
+            summary="Every merge method with its parameter schema", responses=problem_responses(401, 403))
+def methods() -> list[MethodRead]:
+    return [MethodRead.model_validate(m.describe()) for m in list_methods()]
+
+
+@router.get("/tasks", response_model=list[TaskRead], operation_id="list_tasks",
+            summary="The workspace's tasks, with reference metrics once computed",
+            responses=problem_responses(401, 403))
+def tasks(runtime: RuntimeDep) -> list[TaskRead]:
+    items = []
+    for name, task in runtime.workspace.tasks.items():
+        reference = {}
+        for split in task.data:
+            cached = runtime.artifacts_dir / name / "metrics" / "eval" / split / "reference" / "metrics.json"
+            if cached.is_file():
+                reference[split] = json.loads(cached.read_text())["metrics"]
+        items.append(TaskRead(name=name, evaluator=task.evaluator, primary_metric=task.primary_metric,
+                              splits=list(task.data), adapter=str(runtime.workspace.adapter_path(name)),
+                              reference=reference))
+    return items
+
+
+@router.get("/evaluations", response_model=EvaluationPage, operation_id="list_evaluations",
+            summary="Query the eval index (SQLite mirror of every eval/index.json)",
+            responses=problem_responses(401, 403, 422))
+def evaluations(
+    db: DbDep,
+    method: str | None = None,
+    task: str | None = None,
+    split: str | None = None,
+    tag: str | None = None,
+    subset: Annotated[str | None, Query(description="subset namespace; empty = full split")] = None,
+    sort: Literal["created_at", "objective", "metric", "interference"] = "created_at",
+    order: Literal["asc", "desc"] = "desc",
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> EvaluationPage:
+    entries, total = crud.query_evaluations(
+        db, method=method, task=task, split=split, tag=tag, subset=subset, sort=sort,
+        descending=order == "desc", limit=limit, offset=offset,
+    )
+    items = [EvaluationRead.model_validate({**e.entry, "params": e.entry.get("params", {})})
+             for e in entries]
+    return EvaluationPage(total=total, items=items)
+
+
+def _run_dir(runtime: RuntimeDep, run_id: str) -> Path:
+    if not re.match(_RUN_ID, run_id):
+        raise NotFound(f"run {run_id!r} not found (run ids look like run_YYYYMMDD_HHMMSS)")
+    matches = sorted(runtime.artifacts_dir.glob(f"merged/*/*/runs/{run_id}"))
+    if not matches:
+        raise NotFound(f"run {run_id!r} not found")
+    if len(matches) > 1:
+        raise Conflict(f"run id {run_id!r} is ambiguous: {', '.join(str(m) for m in matches)}")
+    return matches[0]
+
+
+@router.get("/runs/{run_id}", response_model=RunRead, operation_id="get_run",
+            summary="A run bundle's metadata, summary and evaluation results",
+            responses=problem_responses(401, 403, 404, 409, 422))
+def get_run(run_id: str, runtime: RuntimeDep) -> RunRead:
+    run_dir = _run_dir(runtime, run_id)
+    read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else None  # noqa: E731
+    evals = {p.stem.removeprefix("eval_results_"): json.loads(p.read_text())
+             for p in run_dir.glob("eval_results_*.json")}
+    saved = (run_dir / "adapter_model.safetensors").is_file()
+    return RunRead(run_id=run_id, run_dir=str(run_dir), metadata=read("merge_metadata.json") or {},
+                   summary=read("summary.json"), eval_results=evals,
+                   adapter_url=f"/runs/{run_id}/adapter.zip" if saved else None)
+
+
+@router.get("/runs/{run_id}/adapter.zip", operation_id="download_run_adapter",
+            summary="The run's saved PEFT adapter (config, weights, heads) as a zip",
+            responses={200: {"content": {"application/zip": {}}, "description": "zip"},
+                       **problem_responses(401, 403, 404, 409)})
+def download_adapter(run_id: str, runtime: RuntimeDep) -> Response:
+    run_dir = _run_dir(runtime, run_id)
+    files = [run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors",
+             *sorted((run_dir / "heads").glob("*.safetensors"))]
+    if not files[1].is_file():
+        raise NotFound(f"run {run_id} did not save an adapter (save_merged was false)")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for path in files:
+            if path.is_file():
+                archive.write(path, path.relative_to(run_dir).as_posix())
+    return Response(buffer.getvalue(), media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{run_id}.zip"'})

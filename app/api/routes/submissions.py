@@ -1,0 +1,61 @@
+"""POST /merges, /evaluations, /sweeps: the unified merge config as JSON; 202 + Location."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Response
+
+from app.api.deps import ReadyDep
+from app.api.errors import problem_responses
+from app.api.schemas import EVALUATION_EXAMPLE, MERGE_EXAMPLE, SWEEP_EXAMPLE, JobRead
+from app.crud import JobKind
+from app.submit import submit
+from merging_core.config import MergeConfig
+
+router = APIRouter(tags=["jobs"])
+ERRORS = problem_responses(401, 403, 413, 422, 429, 503)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=200,
+           description="repeat a request safely: the same key returns the same job"),
+]
+
+
+def _accepted(response: Response, runtime: Any, kind: JobKind, config: MergeConfig,
+              key: str | None) -> JobRead:
+    job, created = submit(runtime, kind, config, key)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    response.status_code = 202 if created else 200
+    return JobRead.of(job)
+
+
+@router.post("/merges", status_code=202, response_model=JobRead, operation_id="create_merge",
+             summary="Queue a merge (evaluated too when eval_tasks is set)", responses=ERRORS)
+def create_merge(
+    response: Response, runtime: ReadyDep,
+    config: Annotated[MergeConfig, Body(openapi_examples={"ties": {"value": MERGE_EXAMPLE}})],
+    idempotency_key: IdempotencyKey = None,
+) -> JobRead:
+    return _accepted(response, runtime, JobKind.MERGE, config, idempotency_key)
+
+
+@router.post("/evaluations", status_code=202, response_model=JobRead,
+             operation_id="create_evaluation", summary="Queue an in-memory merge evaluation",
+             responses=ERRORS)
+def create_evaluation(
+    response: Response, runtime: ReadyDep,
+    config: Annotated[MergeConfig, Body(openapi_examples={"weighted_delta": {"value": EVALUATION_EXAMPLE}})],
+    idempotency_key: IdempotencyKey = None,
+) -> JobRead:
+    return _accepted(response, runtime, JobKind.EVALUATE, config, idempotency_key)
+
+
+@router.post("/sweeps", status_code=202, response_model=JobRead, operation_id="create_sweep",
+             summary="Queue a grid or Bayesian sweep", responses=ERRORS)
+def create_sweep(
+    response: Response, runtime: ReadyDep,
+    config: Annotated[MergeConfig, Body(openapi_examples={"bayes": {"value": SWEEP_EXAMPLE}})],
+    idempotency_key: IdempotencyKey = None,
+) -> JobRead:
+    return _accepted(response, runtime, JobKind.SWEEP, config, idempotency_key)

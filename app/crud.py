@@ -1,0 +1,255 @@
+"""Data access: keyword-only verb functions over the typed models. No queries in routes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.db import EvalEntry, EvalTaskResult, Job, SweepTrial, utcnow
+from app.errors import Conflict, InvalidRequest, NotFound
+from merging_core.evaluation.index import read_index
+
+
+class JobKind(str, Enum):
+    MERGE = "merge"
+    EVALUATE = "evaluate"
+    SWEEP = "sweep"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+_ALLOWED = {
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED},
+}
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session, *, kind: JobKind, request: dict[str, Any], request_hash: str,
+    idempotency_key: str | None,
+) -> Job:
+    job = Job(
+        id=uuid.uuid4().hex, kind=kind.value, status=JobStatus.QUEUED.value, request=request,
+        request_hash=request_hash, idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def get_job(session: Session, *, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def find_job_by_idempotency_key(session: Session, *, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+
+def count_queued(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.QUEUED.value)) or 0)
+
+
+def _encode_token(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"page_token is not a token this service issued: {exc}") from None
+
+
+def list_jobs(
+    session: Session, *, kind: JobKind | None, status: JobStatus | None, limit: int,
+    page_token: str | None,
+) -> tuple[list[Job], str | None]:
+    """Newest first; `page_token` continues after the last job of the previous page."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if kind is not None:
+        query = query.where(Job.kind == kind.value)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    if page_token:
+        created, job_id = _decode_token(page_token)
+        query = query.where(
+            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id))
+        )
+    jobs = list(session.scalars(query.limit(limit + 1)))
+    next_token = _encode_token(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_token
+
+
+def transition(session: Session, *, job_id: str, status: JobStatus, **fields: Any) -> Job:
+    """The one place where a job's status changes (checked against the allowed transitions)."""
+    job = get_job(session, job_id=job_id)
+    current = JobStatus(job.status)
+    if status not in _ALLOWED.get(current, set()):
+        raise Conflict(f"job {job_id} is {current.value}; it cannot become {status.value}")
+    job.status = status.value
+    now = utcnow()
+    if status is JobStatus.RUNNING:
+        job.started_at = now
+        job.attempts += 1
+    if status in TERMINAL:
+        job.finished_at = now
+    if status is JobStatus.QUEUED:
+        job.started_at = None
+    for name, value in fields.items():
+        setattr(job, name, value)
+    job.updated_at = now
+    session.commit()
+    return job
+
+
+def update_progress(
+    session: Session, *, job_id: str, done: int, total: int, message: str,
+    best: dict[str, Any] | None = None, **fields: Any,
+) -> None:
+    job = get_job(session, job_id=job_id)
+    job.progress_done, job.progress_total, job.progress_message = done, total, message[:500]
+    if best is not None:
+        job.progress_best = best
+    for name, value in fields.items():
+        setattr(job, name, value)
+    job.updated_at = utcnow()
+    session.commit()
+
+
+def request_cancel(session: Session, *, job_id: str) -> Job:
+    job = get_job(session, job_id=job_id)
+    if JobStatus(job.status) in TERMINAL:
+        raise Conflict(f"job {job_id} already {job.status}; only queued or running jobs can be cancelled")
+    if job.status == JobStatus.QUEUED.value:
+        return transition(session, job_id=job_id, status=JobStatus.CANCELLED,
+                          cancel_requested=True, progress_message="cancelled before it started")
+    job.cancel_requested = True
+    job.updated_at = utcnow()
+    session.commit()
+    return job
+
+
+def interrupted_jobs(session: Session) -> list[Job]:
+    """Jobs a dead process left `running`, to re-queue at start-up."""
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value)))
+
+
+def queued_jobs(session: Session) -> list[Job]:
+    return list(session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at)))
+
+
+# --- sweep trials ----------------------------------------------------------------------------
+
+
+def record_trial(session: Session, *, job_id: str, sweep_id: str, trial: dict[str, Any]) -> None:
+    exists = session.scalars(select(SweepTrial).where(
+        SweepTrial.sweep_id == sweep_id, SweepTrial.trial_index == trial["index"])).first()
+    if exists is not None:
+        return
+    session.add(SweepTrial(
+        job_id=job_id, sweep_id=sweep_id, trial_index=trial["index"], point=trial["point"],
+        source=trial["source"], objective=trial["objective"], metrics=trial["metrics"],
+        interference_delta=trial["interference_delta"], merge_tag=trial["merge_tag"],
+    ))
+    session.commit()
+
+
+def list_trials(session: Session, *, sweep_id: str) -> list[SweepTrial]:
+    return list(session.scalars(
+        select(SweepTrial).where(SweepTrial.sweep_id == sweep_id).order_by(SweepTrial.trial_index)))
+
+
+# --- eval index mirror -----------------------------------------------------------------------
+
+
+def mirror_index_entry(session: Session, *, index_path: Path, entry: dict[str, Any]) -> bool:
+    """Insert one `eval/index.json` entry (a no-op if its id is already mirrored)."""
+    if session.get(EvalEntry, entry["id"]) is not None:
+        return False
+    session.add(EvalEntry(
+        id=entry["id"], index_path=str(index_path), method=entry["method"],
+        merge_tag=entry["merge_tag"], adapters=entry["adapters"], params=entry.get("params", {}),
+        split=entry["split"], subset=entry.get("subset"),
+        objective_min_delta=entry["objective_min_delta"], run_id=entry.get("run_id"),
+        sweep_id=entry.get("sweep_id"), created_at=entry.get("created_at", ""), entry=entry,
+    ))
+    for task, metric in entry.get("metrics", {}).items():
+        session.add(EvalTaskResult(entry_id=entry["id"], task=task, metric=metric,
+                                   interference_delta=entry["interference_delta"][task]))
+    session.commit()
+    return True
+
+
+def reindex(session: Session, *, artifacts_dir: Path) -> int:
+    """Rebuild the mirror from every `eval/index.json` on disk (the source of truth)."""
+    session.execute(delete(EvalTaskResult))
+    session.execute(delete(EvalEntry))
+    session.commit()
+    count = 0
+    for index_path in sorted(Path(artifacts_dir).glob("merged/*/*/eval/index.json")):
+        for entry in read_index(index_path):
+            count += mirror_index_entry(session, index_path=index_path, entry=entry)
+    return count
+
+
+EVAL_SORTS = ("created_at", "objective", "metric", "interference")
+
+
+def query_evaluations(
+    session: Session, *, method: str | None, task: str | None, split: str | None,
+    tag: str | None, subset: str | None, sort: str, descending: bool, limit: int, offset: int,
+) -> tuple[list[EvalEntry], int]:
+    if sort in ("metric", "interference") and not task:
+        raise InvalidRequest(f"sort={sort} needs a task (the metric of which task?)")
+    query = select(EvalEntry)
+    if task:
+        query = query.join(EvalTaskResult, EvalTaskResult.entry_id == EvalEntry.id).where(
+            EvalTaskResult.task == task)
+    if method:
+        query = query.where(EvalEntry.method == method)
+    if split:
+        query = query.where(EvalEntry.split == split)
+    if tag:
+        query = query.where(EvalEntry.merge_tag == tag)
+    if subset is not None:
+        query = query.where(EvalEntry.subset == subset) if subset else query.where(EvalEntry.subset.is_(None))
+    column = {
+        "created_at": EvalEntry.created_at,
+        "objective": EvalEntry.objective_min_delta,
+        "metric": EvalTaskResult.metric,
+        "interference": EvalTaskResult.interference_delta,
+    }[sort]
+    total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+    ordered = query.order_by(column.desc() if descending else column.asc(), EvalEntry.id)
+    return list(session.scalars(ordered.offset(offset).limit(limit))), total
+
+
+def entries_for_ids(session: Session, *, ids: Sequence[str]) -> list[EvalEntry]:
+    return list(session.scalars(select(EvalEntry).where(EvalEntry.id.in_(list(ids)))))

@@ -1,0 +1,139 @@
+"""Database: SQLAlchemy 2 typed models and the engine (SQLite in WAL mode by default).
+
+Tables: `jobs`, `sweep_trials`, and `eval_entries` + `eval_task_results`, which mirror every
+`eval/index.json` append (the files on disk stay the source of truth; `lora-merge db reindex`
+rebuilds the mirror from them).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    progress_message: Mapped[str] = mapped_column(String(500), default="")
+    progress_best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    run_dir: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    sweep_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SweepTrial(Base):
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("sweep_id", "trial_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sweep_id: Mapped[str] = mapped_column(String(64), index=True)
+    trial_index: Mapped[int] = mapped_column(Integer)
+    point: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(32))
+    objective: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    interference_delta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    merge_tag: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvalEntry(Base):
+    """One `eval/index.json` entry."""
+
+    __tablename__ = "eval_entries"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    index_path: Mapped[str] = mapped_column(String(1000))
+    method: Mapped[str] = mapped_column(String(64), index=True)
+    merge_tag: Mapped[str] = mapped_column(String(200), index=True)
+    adapters: Mapped[list[str]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    split: Mapped[str] = mapped_column(String(64), index=True)
+    subset: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    objective_min_delta: Mapped[float] = mapped_column(Float)
+    run_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    sweep_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[str] = mapped_column(String(64))
+    entry: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class EvalTaskResult(Base):
+    """Per-task metric of an eval entry, for filtering and sorting by task."""
+
+    __tablename__ = "eval_task_results"
+
+    entry_id: Mapped[str] = mapped_column(ForeignKey("eval_entries.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    task: Mapped[str] = mapped_column(String(200), primary_key=True, index=True)
+    metric: Mapped[float] = mapped_column(Float)
+    interference_delta: Mapped[float] = mapped_column(Float)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine; SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` write transactions."""
+    is_sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30} if is_sqlite else {},
+    )
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection, connection_record):  # type: ignore[no-untyped-def]
+            # Let SQLAlchemy issue BEGIN itself (IMMEDIATE below), not the sqlite3 module.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection):  # type: ignore[no-untyped-def]
+            # Take the write lock up front: no deadlock-prone read-then-upgrade.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_session_factory(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,42 @@
+"""The service's exception tree (below the routes nothing raises HTTPException)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Root of the service's own errors; each maps to one HTTP status in app.api.errors."""
+
+    status = 500
+    title = "Internal error"
+
+
+class NotFound(ServiceError):
+    status, title = 404, "Not found"
+
+
+class Conflict(ServiceError):
+    status, title = 409, "Conflict"
+
+
+class QueueFull(ServiceError):
+    status, title = 429, "Too many queued jobs"
+
+
+class Forbidden(ServiceError):
+    status, title = 403, "Forbidden"
+
+
+class Unauthorized(ServiceError):
+    status, title = 401, "Unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status, title = 413, "Request body too large"
+
+
+class InvalidRequest(ServiceError):
+    status, title = 422, "Invalid request"
+
+
+class NotReady(ServiceError):
+    status, title = 503, "Model not loaded yet"

@@ -1,0 +1,110 @@
+"""The FastAPI app: `create_app()` wires settings, runtime, routers, errors and offline docs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import require_token
+from app.api.errors import Problem, install_error_handlers, problem
+from app.api.routes import catalog, health, jobs, submissions, sweeps
+from app.runtime import Runtime
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Merge PEFT LoRA adapters on a resident base model, evaluate the merged model on every task
+against each task's own adapter (interference), and search merge coefficients.
+
+`POST /merges`, `POST /evaluations` and `POST /sweeps` take the unified merge config (the same
+schema as the YAML files) and queue a job; follow it with `GET /jobs/{id}` or
+`GET /jobs/{id}/events`. Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `limit` bytes with 413, whether or not Content-Length is set."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(413, "Request body too large",
+                           f"the request body exceeds {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        runtime.start()
+        try:
+            yield
+        finally:
+            runtime.stop()
+
+    app = FastAPIOffline(
+        title="LoRA Merge Service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={},
+    )
+    install_error_handlers(app)
+    secured = [Depends(require_token)]
+    app.include_router(health.router)
+    for router in (submissions.router, jobs.router, sweeps.router, catalog.router):
+        app.include_router(router, dependencies=secured)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    # Make the Problem schema a named component every documented error can point at.
+    original_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
+                Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,80 @@
+"""The service runtime: settings, database, the resident model session and the executor.
+
+Built in the app's lifespan; the model loads in a background thread so `/healthz` answers at
+once and `/readyz` turns 200 when the model is resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.orm import sessionmaker
+
+from app import crud
+from app.db import make_engine, make_session_factory
+from app.settings import PROJECT_ROOT, Settings
+from app.worker import Executor, InProcessExecutor, JobRunner, recover
+from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.workspace import Workspace, load_workspace
+
+log = logging.getLogger(__name__)
+
+
+def upgrade_database(url: str) -> None:
+    """`alembic upgrade head` on the given database."""
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.attributes["url"] = url
+    command.upgrade(config, "head")
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts_dir = settings.artifacts_dir.resolve()
+        upgrade_database(settings.resolved_database_url)
+        self.engine = make_engine(settings.resolved_database_url)
+        self.db: sessionmaker = make_session_factory(self.engine)
+        self.workspace: Workspace = load_workspace(settings.workspace)
+        self.session: EvalSession | None = None
+        self.executor: Executor | None = None
+        self.load_error: str | None = None
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+
+    def start(self) -> None:
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            session = EvalSession.from_workspace(
+                self.workspace, self.artifacts_dir, device=self.settings.device,
+                dtype=self.settings.dtype, index_listener=self._mirror,
+            )
+            executor = InProcessExecutor(JobRunner(session, self.db))
+            executor.start()
+            self.executor = executor
+            self.session = session
+            requeued = recover(self.db, executor)
+            log.info("model resident on %s; %d queued job(s) submitted", session.holder.device,
+                     len(requeued))
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz instead of crashing
+            log.exception("could not load the base model")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def _mirror(self, index_path: Path, entry: dict) -> None:
+        with self.db() as session:
+            crud.mirror_index_entry(session, index_path=index_path, entry=entry)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._loader.join(timeout)
+        return self.session is not None
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.stop()
+        self.engine.dispose()

@@ -1,0 +1,53 @@
+"""Service settings, read from the environment (prefix `LORA_MERGE_`) or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_WORKSPACE = PROJECT_ROOT / "workspaces" / "demo" / "workspace.yaml"
+TINY_WORKSPACE = PROJECT_ROOT / "workspaces" / "tiny" / "workspace.yaml"
+
+
+def default_workspace() -> Path:
+    """The demo workspace when it is there, else the tiny built-in one."""
+    return DEMO_WORKSPACE if DEMO_WORKSPACE.is_file() else TINY_WORKSPACE
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORA_MERGE_", env_file=".env", extra="ignore")
+
+    workspace: Path = Field(default_factory=default_workspace, description="workspace YAML")
+    artifacts_dir: Path = Field(default=Path("artifacts"), description="artifacts root")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL (default sqlite:///<artifacts>/merge_service.db)"
+    )
+    device: str | None = Field(default=None, description="override the workspace device")
+    dtype: str | None = Field(default=None, description="override the workspace dtype")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: SecretStr | None = Field(default=None, description="bearer token; unset = no auth")
+    allowed_adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="directories adapter paths may point into (the workspace and artifacts "
+        "directories are always allowed)",
+    )
+    max_queued_jobs: int = Field(default=100, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.artifacts_dir / 'merge_service.db').resolve()}"
+
+    def adapter_roots(self) -> list[Path]:
+        roots = [self.workspace.resolve().parent, self.artifacts_dir.resolve()]
+        return roots + [root.resolve() for root in self.allowed_adapter_roots]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,92 @@
+"""Validate a job request completely, then queue it (or return the job an Idempotency-Key names).
+
+Paths in a request (adapter directories, warm-start sweeps) must lie inside the allowed roots;
+they are resolved (following `..` and symlinks) and checked before anything is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from app import crud
+from app.crud import JobKind
+from app.db import Job
+from app.errors import Forbidden, InvalidRequest, QueueFull
+from app.runtime import Runtime
+from merging_core.config import MergeConfig
+from merging_core.engine.runner import prepare_merge
+from merging_core.evaluation.sweep import Sweep
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def check_paths(runtime: Runtime, config: MergeConfig) -> None:
+    roots = runtime.settings.adapter_roots()
+    tasks = runtime.workspace.tasks
+    for adapter in config.adapters:
+        if adapter in tasks:
+            continue
+        resolved = Path(adapter).expanduser().resolve()
+        if not _inside(resolved, roots):
+            raise Forbidden(
+                f"adapter path {adapter!r} resolves to {resolved}, outside the allowed roots "
+                f"({', '.join(map(str, roots))}); it was not opened"
+            )
+    if config.output_dir is not None:
+        raise InvalidRequest("output_dir: the service writes to its own artifacts directory; omit it")
+    for source in config.search.warm_start_sweeps if config.search else []:
+        prefix = source.split("*")[0].split("?")[0].split("[")[0]
+        resolved = (runtime.artifacts_dir / prefix if not Path(prefix).is_absolute() else Path(prefix)).resolve()
+        if not _inside(resolved, roots):
+            raise Forbidden(f"warm_start_sweeps entry {source!r} is outside the allowed roots")
+
+
+def validate(runtime: Runtime, kind: JobKind, config: MergeConfig) -> None:
+    """Everything a worker would refuse, refused now (422 naming the problem)."""
+    assert runtime.session is not None
+    if kind is JobKind.SWEEP:
+        if config.search is None:
+            raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")
+        Sweep(config, runtime.session)
+        return
+    prepare_merge(config, task_registry=runtime.workspace.task_registry(),
+                  adapter_cache=runtime.session.adapter_cache)
+    for task in config.eval_tasks or []:
+        runtime.workspace.task(task)
+    if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in runtime.workspace.tasks
+                                                                 for a in config.adapters)):
+        raise InvalidRequest("eval_tasks: nothing to evaluate; name the tasks to evaluate on")
+
+
+def request_body(config: MergeConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_unset=True)
+
+
+def submit(runtime: Runtime, kind: JobKind, config: MergeConfig, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Return (job, created). A repeated Idempotency-Key returns its job, or 422 if the body differs."""
+    body = request_body(config)
+    digest = hashlib.sha256(json.dumps([kind.value, body], sort_keys=True).encode()).hexdigest()
+    with runtime.db() as db:
+        if idempotency_key:
+            existing = crud.find_job_by_idempotency_key(db, key=idempotency_key)
+            if existing is not None:
+                if existing.request_hash != digest:
+                    raise InvalidRequest(
+                        f"Idempotency-Key {idempotency_key!r} was used for a different request"
+                    )
+                return existing, False
+    check_paths(runtime, config)
+    validate(runtime, kind, config)
+    with runtime.db() as db:
+        if crud.count_queued(db) >= runtime.settings.max_queued_jobs:
+            raise QueueFull(f"{runtime.settings.max_queued_jobs} jobs are already queued; retry later")
+        job = crud.create_job(db, kind=kind, request=body, request_hash=digest,
+                              idempotency_key=idempotency_key)
+    assert runtime.executor is not None
+    runtime.executor.submit(job.id)
+    return job, True

@@ -1,0 +1,223 @@
+"""The job worker: one thread per resident model runs jobs one at a time.
+
+`JobRunner.execute(job_id)` is the single place where a job moves from running to a final
+state: it runs the job through `merging_core` and, in its `finally`, records succeeded, failed
+or cancelled. The holder restores the model weights on every exit path (see ModelHolder).
+
+The runner sits behind the `Executor` protocol. `InProcessExecutor` (a thread and a queue) is
+the embedded default; an executor for several GPUs or machines (e.g. Ray actors each holding a
+`JobRunner`) implements the same three methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Protocol
+
+from sqlalchemy.orm import sessionmaker
+
+from app import crud
+from app.api.errors import error_payload
+from app.crud import JobKind, JobStatus
+from merging_core.config import parse_merge_config
+from merging_core.engine.runner import run_merge
+from merging_core.errors import Cancelled
+from merging_core.evaluation.cancel import CancelToken
+from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.sweep import Sweep, Trial
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+
+
+class Executor(Protocol):
+    def start(self) -> None: ...
+
+    def submit(self, job_id: str) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class JobRunner:
+    """Runs jobs on one EvalSession (one resident model)."""
+
+    def __init__(self, session: EvalSession, db: sessionmaker) -> None:
+        self.session = session
+        self.db = db
+        self.tokens: dict[str, CancelToken] = {}
+
+    # --- progress ----------------------------------------------------------------------------
+
+    def _progress(self, job_id: str) -> Any:
+        last = {"at": 0.0}
+
+        def report(done: int, total: int, message: str, extra: dict[str, Any]) -> None:
+            now = time.monotonic()
+            if now - last["at"] < PROGRESS_INTERVAL_S and done < total and "best" not in extra:
+                return
+            last["at"] = now
+            with self.db() as db:
+                crud.update_progress(db, job_id=job_id, done=done, total=total, message=message,
+                                     best=extra.get("best"))
+
+        return report
+
+    # --- the kinds ---------------------------------------------------------------------------
+
+    def _merge(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
+        config = parse_merge_config(request)
+        workspace = self.session.workspace
+        result = run_merge(config, task_registry=workspace.task_registry(),
+                           artifacts_dir=self.session.root)
+        with self.db() as db:
+            crud.update_progress(db, job_id=job_id, done=0, total=1, message="merged",
+                                 run_dir=str(result.run_dir))
+        summary: dict[str, Any] = {
+            "merge_tag": result.merge_tag,
+            "run_id": result.run_dir.name,
+            "run_dir": str(result.run_dir),
+            "saved": result.adapter_path is not None,
+            "num_modules": len(result.output.modules),
+            "left_out": result.output.left_out,
+        }
+        if config.eval_tasks:
+            evaluation = self.session.evaluate_merge(
+                result.output, merge_tag=result.merge_tag, tasks=config.eval_tasks,
+                split=config.split, subset=config.eval_subset, run_dir=result.run_dir,
+                record={"job_id": job_id}, cancel=cancel, progress=self._progress(job_id),
+            )
+            summary["evaluation"] = evaluation.to_dict()
+        return summary
+
+    def _evaluate(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
+        config = parse_merge_config(request)
+        output = self._prepare(config)
+        from merging_core.runtime.paths import merge_tag
+
+        tag = merge_tag(output.method.name, output.params,
+                        {"lambda_policy": output.policy.describe(output.params.get("lambda"))})
+        evaluation = self.session.evaluate_merge(
+            output, merge_tag=tag, tasks=config.eval_tasks, split=config.split,
+            subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel,
+            progress=self._progress(job_id),
+        )
+        return evaluation.to_dict()
+
+    def _prepare(self, config: Any) -> Any:
+        from merging_core.engine.runner import prepare_merge
+
+        return prepare_merge(config, task_registry=self.session.workspace.task_registry(),
+                             adapter_cache=self.session.adapter_cache)
+
+    def _sweep(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
+        sweep = Sweep(parse_merge_config(request), self.session)
+        with self.db() as db:
+            crud.update_progress(db, job_id=job_id, done=0, total=sweep.total, message="starting",
+                                 sweep_id=sweep.sweep_id)
+
+        def on_trial(trial: Trial) -> None:
+            with self.db() as db:
+                crud.record_trial(db, job_id=job_id, sweep_id=sweep.sweep_id, trial=trial.to_dict())
+
+        result = sweep.run(cancel=cancel, progress=self._progress(job_id), on_trial=on_trial)
+        best = result.best
+        return {
+            "sweep_id": result.sweep_id,
+            "summary": str(result.summary_path),
+            "plot": str(result.plot_path) if result.plot_path else None,
+            "num_trials": len(result.trials),
+            "resumed_trials": result.resumed_trials,
+            "warm_start": result.warm_start,
+            "best": best.to_dict(),
+        }
+
+    # --- the one place where a running job ends ----------------------------------------------
+
+    def execute(self, job_id: str) -> None:
+        with self.db() as db:
+            job = crud.get_job(db, job_id=job_id)
+            if job.status != JobStatus.QUEUED.value:
+                return  # cancelled while queued, or already handled
+            job = crud.transition(db, job_id=job_id, status=JobStatus.RUNNING,
+                                  progress_message="running")
+            kind, request = JobKind(job.kind), dict(job.request)
+        cancel = self.tokens.setdefault(job_id, CancelToken())
+        if job.cancel_requested:
+            cancel.cancel()
+        final, fields = JobStatus.FAILED, {}
+        try:
+            handler = {JobKind.MERGE: self._merge, JobKind.EVALUATE: self._evaluate,
+                       JobKind.SWEEP: self._sweep}[kind]
+            result = handler(job_id, request, cancel)
+            final, fields = JobStatus.SUCCEEDED, {"result": result, "progress_message": "done"}
+        except Cancelled:
+            final, fields = JobStatus.CANCELLED, {"progress_message": "cancelled; weights restored"}
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the job's structured error
+            log.exception("job %s failed", job_id)
+            final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}
+        finally:
+            self.tokens.pop(job_id, None)
+            if not self.session.holder.is_pristine:  # defensive: the holder restores on exit
+                log.error("job %s left weights applied; restoring", job_id)
+                self.session.holder.restore()
+            with self.db() as db:
+                crud.transition(db, job_id=job_id, status=final, **fields)
+
+    def cancel(self, job_id: str) -> None:
+        token = self.tokens.get(job_id)
+        if token is not None:
+            token.cancel()
+        else:
+            self.tokens[job_id] = CancelToken()
+            self.tokens[job_id].cancel()
+
+
+class InProcessExecutor:
+    """A worker thread pulling job ids from an in-memory queue (the jobs live in the DB)."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="lora-merge-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job_id: str) -> None:
+        self._queue.put(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        self.runner.cancel(job_id)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                self.runner.execute(job_id)
+            except Exception:  # noqa: BLE001 - the worker thread must survive anything
+                log.exception("worker error on job %s", job_id)
+
+
+def recover(db: sessionmaker, executor: Executor) -> list[str]:
+    """Start-up recovery: re-queue jobs left `running`, then submit every queued job in order."""
+    with db() as session:
+        for job in crud.interrupted_jobs(session):
+            log.warning("re-queuing interrupted job %s (%s)", job.id, job.kind)
+            crud.transition(session, job_id=job.id, status=JobStatus.QUEUED,
+                            progress_message="re-queued after an interrupted run")
+        queued = [job.id for job in crud.queued_jobs(session)]
+    for job_id in queued:
+        executor.submit(job_id)
+    return queued
