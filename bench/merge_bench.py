@@ -19,13 +19,20 @@ before it (inputs loaded): for ours the baseline holds the 3 loaded adapters, fo
 model with the 3 adapters (PEFT needs the base model). Ratios and goals are computed from the
 numbers measured in the same run.
 
-Run (from the repository root, CPU only, about 10 minutes with 2 cores for the full size):
+Run from the repository root (CPU only; `make bench` runs the first line). PEFT's SVD cases
+dominate the run time: with 2 cores the full size takes 20-30 minutes, `--quick` about 6.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py            # print the table
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --write    # and write it to
-                                                                      # bench/results/merge_bench_cpu.md
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --quick    # 2 layers, a quick check
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --layers 4 --cases ours_ties peft_ties_svd
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py          # print the table
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --write  # and write it to
+                                                  # bench/results/merge_bench_cpu.md
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --quick  # 2 layers, a quick check
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --layers 4 \
+        --cases ours_ties ours_ties_save peft_ties_svd
+
+Options: `--threads N` sets torch's threads in every case (on a shared machine, 1 avoids
+OpenMP threads waiting on a core another process holds); `--flush-denormal` turns on
+`torch.set_flush_denormal` in every case (LAPACK's SVD in PEFT slows down a lot on subnormal
+floats; the default leaves torch's default, as a PEFT user would run it).
 """
 
 from __future__ import annotations
@@ -225,7 +232,9 @@ def build_inputs(workdir: Path, layers: int) -> Inputs:
         and name.rsplit(".", 1)[-1] in TARGET_MODULES
     )
     peft_model = None
-    for adapter_name, seed, directory in zip(ADAPTER_NAMES, ADAPTER_SEEDS, adapter_dirs(workdir)):
+    for adapter_name, seed, directory in zip(
+        ADAPTER_NAMES, ADAPTER_SEEDS, adapter_dirs(workdir), strict=True
+    ):
         torch.manual_seed(seed)
         if peft_model is None:
             peft_model = get_peft_model(base, lora_config(), adapter_name=adapter_name)
@@ -295,6 +304,7 @@ def _run_ours(workdir: Path, case: str, method: str, save: bool) -> CaseResult:
     output = prepare_merge(_ours_spec(workdir, method))
     load_s = time.perf_counter() - started
     note = f"{len(output.modules)} modules"
+    report: dict[str, Any] | None = None
     load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=workdir) as out_dir:
         with measure_peak() as memory:
@@ -303,10 +313,10 @@ def _run_ours(workdir: Path, case: str, method: str, save: bool) -> CaseResult:
                 report = save_merged_adapter(output, Path(out_dir), save_rank=SAVE_RANK)
             else:
                 for _module, delta in output.iter_deltas():
-                    del delta
+                    del delta  # one dense module at a time, as a consumer would
             seconds = time.perf_counter() - started
             cpu_s = time.process_time() - cpu_started
-    if save:
+    if report is not None:
         note += (
             f"; saved rank {report['rank']}, max relative SVD error "
             f"{report['svd_relative_error_max']:.3g}"
@@ -331,7 +341,7 @@ def _run_peft(workdir: Path, case: str, combination_type: str) -> CaseResult:
     base = build_base_model(workdir)
     directories = adapter_dirs(workdir)
     model = PeftModel.from_pretrained(base, str(directories[0]), adapter_name=ADAPTER_NAMES[0])
-    for name, directory in zip(ADAPTER_NAMES[1:], directories[1:]):
+    for name, directory in zip(ADAPTER_NAMES[1:], directories[1:], strict=True):
         model.load_adapter(str(directory), adapter_name=name)
     load_s = time.perf_counter() - started
     kwargs: dict[str, Any] = {}
@@ -350,7 +360,7 @@ def _run_peft(workdir: Path, case: str, combination_type: str) -> CaseResult:
         )
         seconds = time.perf_counter() - started
         cpu_s = time.process_time() - cpu_started
-    rank = model.peft_config["merged"].r
+    rank = getattr(model.peft_config["merged"], "r", None)
     return CaseResult(
         case=case,
         load_s=load_s,
@@ -388,7 +398,14 @@ LABELS = {
 def run_case_in_subprocess(
     case: str, workdir: Path, threads: int | None, flush_denormal: bool
 ) -> CaseResult:
-    command = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--workdir", str(workdir)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--case",
+        case,
+        "--workdir",
+        str(workdir),
+    ]
     if threads is not None:
         command += ["--threads", str(threads)]
     if flush_denormal:
@@ -398,7 +415,7 @@ def run_case_in_subprocess(
     )
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return CaseResult(**json.loads(line[len(RESULT_PREFIX):]))
+            return CaseResult(**json.loads(line[len(RESULT_PREFIX) :]))
     raise RuntimeError(
         f"case {case} failed (exit {completed.returncode}):\n{completed.stdout}\n{completed.stderr}"
     )
@@ -442,8 +459,9 @@ def header_lines(
         "- peft's SVD variants call `torch.linalg.svd` (full_matrices=True, their default); "
         f"ours `ties` save uses `torch.svd_lowrank` at rank {SAVE_RANK} and measures its error.",
         "- Each case runs in a fresh subprocess; seconds time the merge call only (wall clock; "
-        "CPU s: the process's CPU time over all threads; load s: loading its inputs). Peak MB added = peak RSS during the merge minus RSS just before "
-        "it. Baseline for ours: the 3 loaded adapters; for peft: the base model + 3 adapters. "
+        "CPU s: the process's CPU time over all threads; load s: loading its inputs). "
+        "Peak MB added = peak RSS during the merge minus RSS just before it. Baseline for "
+        "ours: the 3 loaded adapters; for peft: the base model + 3 adapters. "
         "Load avg: the 1-minute system load average before the merge (above the thread count, "
         "other processes competed for the cores).",
     ]
@@ -465,10 +483,11 @@ def report_lines(results: Sequence[CaseResult], inputs: Inputs) -> list[str]:
         "| case | seconds | CPU s | load s | peak MB added | baseline RSS MB | load avg | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in results:
+    for row in results:
         lines.append(
-            f"| {LABELS[r.case]} | {r.seconds:.2f} | {r.cpu_s:.1f} | {r.load_s:.1f} | {r.peak_added_mb:.0f} | "
-            f"{r.baseline_mb:.0f} | {r.load_average:.1f} | {r.note} |"
+            f"| {LABELS[row.case]} | {row.seconds:.2f} | {row.cpu_s:.1f} | {row.load_s:.1f} | "
+            f"{row.peak_added_mb:.0f} | {row.baseline_mb:.0f} | {row.load_average:.1f} | "
+            f"{row.note} |"
         )
     reference_dense = REFERENCE_LAYERS * inputs.per_layer_dense_bytes
     reference_bytes = reference_dense + inputs.adapters_bytes
@@ -497,17 +516,17 @@ def report_lines(results: Sequence[CaseResult], inputs: Inputs) -> list[str]:
         f"{reference_bytes / MB:.0f} MB"
     )
     for case in ("ours_ties", "ours_ties_save"):
-        r = by_case.get(case)
-        if r is None:
+        ties_row = by_case.get(case)
+        if ties_row is None:
             continue
         # The adapters are in the baseline, so the merge's own peak is the added peak + adapters.
-        peak = r.peak_added_mb * MB + inputs.adapters_bytes
+        peak = ties_row.peak_added_mb * MB + inputs.adapters_bytes
         lines.append(
-            f"- {LABELS[case]} peak: {r.peak_added_mb:.0f} MB added + adapters "
+            f"- {LABELS[case]} peak: {ties_row.peak_added_mb:.0f} MB added + adapters "
             f"{inputs.adapters_bytes / MB:.0f} MB = {peak / MB:.0f} MB "
             f"(goal < {reference_bytes / MB:.0f} MB): {_verdict(peak < reference_bytes)}"
         )
-    sources = sorted({r.memory_source for r in results})
+    sources = sorted({row.memory_source for row in results})
     lines += ["", f"Peak memory source: {', '.join(sources)}."]
     return lines
 
@@ -524,7 +543,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to run"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument(
         "--flush-denormal",
         action="store_true",
@@ -554,19 +575,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
-    layers = args.layers if args.layers is not None else (QUICK_LAYERS if args.quick else FULL_LAYERS)
+    layers = (
+        args.layers if args.layers is not None else (QUICK_LAYERS if args.quick else FULL_LAYERS)
+    )
     with tempfile.TemporaryDirectory(prefix="merge_bench_") as tmp:
         workdir = Path(tmp)
-        print(f"building the model ({layers} layers) and {len(ADAPTER_NAMES)} adapters ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"building the model ({layers} layers) and {len(ADAPTER_NAMES)} adapters ...",
+            file=sys.stderr,
+            flush=True,
+        )
         inputs = build_inputs(workdir, layers)
         print(f"inputs built in {inputs.build_s:.0f} s", file=sys.stderr, flush=True)
         results = []
         for case in args.cases:
             print(f"running {case} ...", file=sys.stderr, flush=True)
             result = run_case_in_subprocess(case, workdir, args.threads, args.flush_denormal)
-            print(f"  {result.seconds:.2f} s, peak +{result.peak_added_mb:.0f} MB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {result.seconds:.2f} s, peak +{result.peak_added_mb:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
             results.append(result)
     header = header_lines(layers, inputs, args.threads, args.flush_denormal)
     text = "\n".join(header + [""] + report_lines(results, inputs))

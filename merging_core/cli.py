@@ -256,11 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list merge methods and their parameters")
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(handler=_cmd_methods)
+    # Hooks for the service's CLI (app.cli), which adds `serve`, `db` and `--server`.
+    parser.job_parsers = {"merge": merge, "evaluate": evaluate, "sweep": sweep}  # type: ignore[attr-defined]
+    parser.commands = commands  # type: ignore[attr-defined]
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("default", DeprecationWarning)

@@ -1,0 +1,186 @@
+"""End-to-end: a real uvicorn server on a loopback port, driven with httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.settings import Settings
+from merging_core.evaluation.holder import ModelHolder
+from merging_core.evaluation.index import read_index
+from tests.service_helpers import free_port, start_process_server, thread_server, wait_job, wait_ready
+
+MERGE = {"adapters": ["topic", "mood"], "method": "ties", "eval_tasks": ["topic", "mood"],
+         "save_merged": True}
+SWEEP = {"adapters": ["topic", "mood"], "method": "weighted_delta",
+         "eval_subset": {"max_samples": 12},
+         "search": {"type": "grid", "grid": {"lambda": [0.2, 0.5, 0.8]}}}
+
+
+@pytest.fixture
+def settings(tiny_workspace: Path, tmp_path: Path) -> Settings:
+    return Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "artifacts")
+
+
+def test_merge_evaluation_and_sweep_end_to_end(settings: Settings) -> None:
+    loads_before = ModelHolder.load_count
+    with thread_server(settings) as (client, app):
+        merge = client.post("/merges", json=MERGE)
+        assert merge.status_code == 202 and merge.headers["location"] == f"/jobs/{merge.json()['id']}"
+        evaluation = client.post("/evaluations", json={**MERGE, "method": "uniform", "save_merged": False})
+        sweep = client.post("/sweeps", json=SWEEP)
+        jobs = {name: wait_job(client, r.json()["id"]) for name, r in
+                (("merge", merge), ("evaluation", evaluation), ("sweep", sweep))}
+        assert {name: j["status"] for name, j in jobs.items()} == dict.fromkeys(jobs, "succeeded")
+        for job in jobs.values():
+            assert job["timestamps"]["started_at"] and job["timestamps"]["finished_at"]
+
+        artifacts = settings.artifacts_dir
+        merge_result = jobs["merge"]["result"]
+        run_dir = Path(merge_result["run_dir"])
+        assert run_dir.parent == artifacts / "merged" / "ties" / "mood_topic" / "runs"
+        for name in ("merge_metadata.json", "summary.json", "adapter_model.safetensors",
+                     "adapter_config.json", "eval_results_test.json"):
+            assert (run_dir / name).is_file(), name
+        tag = merge_result["merge_tag"]
+        assert (artifacts / "merged/ties/mood_topic/eval/test" / f"eval_results_{tag}_test.json").is_file()
+        assert (artifacts / "topic/metrics/eval/test/merged/mood" / tag / "metrics.json").is_symlink()
+
+        run = client.get(f"/runs/{run_dir.name}").json()
+        assert run["metadata"]["merge_tag"] == tag and run["adapter_url"]
+        download = client.get(run["adapter_url"])
+        assert download.status_code == 200 and download.content[:2] == b"PK"
+
+        trials = client.get(f"/sweeps/{jobs['sweep']['id']}/trials").json()
+        assert [t["index"] for t in trials["trials"]] == [0, 1, 2]
+        assert client.get(f"/sweeps/{jobs['sweep']['id']}/plot.png").content[:4] == b"\x89PNG"
+
+        on_disk = {}
+        for index in artifacts.glob("merged/*/*/eval/index.json"):
+            on_disk.update({e["id"]: e for e in read_index(index)})
+        mirrored = client.get("/evaluations", params={"limit": 500}).json()
+        assert mirrored["total"] == len(on_disk) == 5  # merge + evaluation + 3 trials
+        for item in mirrored["items"]:
+            assert item["metrics"] == on_disk[item["id"]]["metrics"]
+            assert item["objective_min_delta"] == on_disk[item["id"]]["objective_min_delta"]
+        by_topic = client.get("/evaluations", params={"task": "topic", "sort": "metric"}).json()
+        assert by_topic["total"] == 5
+        tasks = {t["name"]: t for t in client.get("/tasks").json()}
+        assert "test" in tasks["topic"]["reference"]
+        methods = {m["name"]: m for m in client.get("/methods").json()}
+        assert methods["ties"]["params_defaults"] == {"k": 20.0, "lambda": 1.0}
+        listed = client.get("/jobs", params={"kind": "sweep", "limit": 1}).json()
+        assert [j["id"] for j in listed["jobs"]] == [jobs["sweep"]["id"]]
+    assert ModelHolder.load_count == loads_before + 1
+
+
+def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Settings) -> None:
+    slow = {**SWEEP, "eval_subset": None,
+            "search": {"type": "grid", "grid": {"lambda": [i / 20 for i in range(20)]}}}
+    with thread_server(settings) as (client, app):
+        holder = app.state.runtime.session.holder
+        before = holder.weights_fingerprint()
+        job_id = client.post("/sweeps", json=slow).json()["id"]
+        wait_job(client, job_id, until={"running"})
+        while client.get(f"/jobs/{job_id}").json()["progress"]["done"] < 1:
+            time.sleep(0.05)
+        cancelled = client.post(f"/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
+        final = wait_job(client, job_id)
+        assert final["status"] == "cancelled"
+        after = holder.weights_fingerprint()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        with client.stream("GET", f"/jobs/{job_id}/events") as events:
+            body = "".join(events.iter_text())
+        assert "event: status" in body and "cancelled" in body and "event: end" in body
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 409
+        queued_merge = client.post("/merges", json=MERGE).json()["id"]
+        queued_merge_2 = client.post("/merges", json=MERGE).json()["id"]
+        assert client.post(f"/jobs/{queued_merge_2}/cancel").json()["status"] in ("cancelled", "running")
+        wait_job(client, queued_merge)
+
+
+def test_idempotency_key(settings: Settings) -> None:
+    with thread_server(settings) as (client, _):
+        first = client.post("/merges", json=MERGE, headers={"Idempotency-Key": "abc"})
+        again = client.post("/merges", json=MERGE, headers={"Idempotency-Key": "abc"})
+        assert first.status_code == 202 and again.status_code == 200
+        assert first.json()["id"] == again.json()["id"]
+        other = client.post("/merges", json={**MERGE, "method": "uniform"}, headers={"Idempotency-Key": "abc"})
+        assert other.status_code == 422 and "different request" in other.json()["detail"]
+        wait_job(client, first.json()["id"])
+
+
+def test_killed_server_resumes_its_sweep(tiny_workspace: Path, tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    port = free_port()
+    sweep = {**SWEEP, "eval_subset": None,
+             "search": {"type": "grid", "grid": {"lambda": [i / 10 for i in range(8)]}}}
+    process = start_process_server(tiny_workspace, artifacts, port)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        wait_ready(client)
+        job_id = client.post("/sweeps", json=sweep).json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/jobs/{job_id}").json()["progress"]["done"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        trials_dir = next(artifacts.glob("merged/weighted_delta/mood_topic/sweeps/sweep_*/trials"))
+        before_restart = {p.name: p.read_bytes() for p in trials_dir.glob("trial_*.json")}
+        assert 3 <= len(before_restart) < 8
+
+        process = start_process_server(tiny_workspace, artifacts, port)
+        wait_ready(client)
+        job = wait_job(client, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 2
+        assert job["result"]["resumed_trials"] == len(before_restart)
+        after = {p.name: p.read_bytes() for p in trials_dir.glob("trial_*.json")}
+        assert len(after) == 8
+        assert all(after[name] == content for name, content in before_restart.items())
+        index = read_index(artifacts / "merged/weighted_delta/mood_topic/eval/index.json")
+        ids = [e["id"] for e in index]
+        assert len(ids) == len(set(ids)) == 8
+        trials = client.get(f"/sweeps/{job_id}/trials").json()["trials"]
+        assert [t["index"] for t in trials] == list(range(8))
+        mirrored = client.get("/evaluations", params={"limit": 500}).json()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        client.close()
+    from app.cli import main
+
+    env = {"LORA_MERGE_WORKSPACE": str(tiny_workspace), "LORA_MERGE_ARTIFACTS_DIR": str(artifacts)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["db", "reindex"]) == 0
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+    from app.db import EvalEntry, make_engine, make_session_factory
+    from sqlalchemy import select
+
+    engine = make_engine(f"sqlite:///{(artifacts / 'merge_service.db').resolve()}")
+    with make_session_factory(engine)() as session:
+        reindexed = {e.id: e.entry for e in session.scalars(select(EvalEntry))}
+    engine.dispose()
+    assert set(reindexed) == {item["id"] for item in mirrored["items"]}
+    assert json.dumps(reindexed, sort_keys=True) == json.dumps(
+        {e["id"]: e for e in index}, sort_keys=True)
