@@ -69,7 +69,7 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "intent": TaskSpec(per_class=150, epochs=2),
+    "intent": TaskSpec(per_class=150, epochs=6),
     "banking": TaskSpec(per_class=50, epochs=8, head_lr=5e-3),
     "sentiment": TaskSpec(per_class=None, epochs=3),
 }

@@ -103,6 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # an unparseable body (e.g. not UTF-8): a validation error
+            return problem(422, "Invalid request", f"the body is not valid JSON: {exc.detail}", request)
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
         return problem(exc.status_code, title, str(exc.detail), request)
 

@@ -1,0 +1,163 @@
+"""The bad-input catalogue over HTTP: right status, problem+json naming the problem, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from app.settings import PROJECT_ROOT, Settings
+from tests.service_helpers import thread_server, wait_job
+
+MERGE = {"adapters": ["topic", "mood"], "method": "ties"}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_workspace: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    artifacts = tmp_path_factory.mktemp("errors") / "artifacts"
+    settings = Settings(workspace=tiny_workspace, artifacts_dir=artifacts, max_body_bytes=4096,
+                        max_queued_jobs=1)
+    with thread_server(settings) as (client, app):
+        yield client, app, artifacts
+
+
+def _problem(response, status: int, *fragments: str) -> dict:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"]
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body
+
+
+def _no_new_runs(artifacts: Path, before: set[Path]) -> None:
+    assert set(artifacts.rglob("run_*")) == before
+
+
+@pytest.mark.parametrize(
+    "body, fragments",
+    [
+        ({"adapters": ["topic", "mood"], "method": "tiess"}, ["unknown merge method 'tiess'"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "method_params": {"k": "twenty"}},
+         ["'k' must be a number"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "method_params": {"k": 150}},
+         ["'k'=150 is out of range; allowed [0, 100]"]),
+        ({"adapters": "topic", "method": "ties"}, ["adapters"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "eval_tasks": ["asr"]}, ["unknown task 'asr'"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "surprise": 1}, ["surprise"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "output_dir": "/tmp/x"}, ["output_dir"]),
+    ],
+)
+def test_invalid_requests_are_422(served, body, fragments) -> None:  # type: ignore[no-untyped-def]
+    client, _, artifacts = served
+    before = set(artifacts.rglob("run_*"))
+    _problem(client.post("/merges", json=body), 422, *fragments)
+    _no_new_runs(artifacts, before)
+
+
+def test_malformed_json(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = served
+    response = client.post("/merges", content=b'{"adapters": [', headers={"content-type": "application/json"})
+    _problem(response, 422, "not valid JSON")
+
+
+def test_nonexistent_adapter_inside_the_roots(served, tiny_workspace) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = served
+    missing = str(tiny_workspace.parent / "adapters" / "nope")
+    _problem(client.post("/merges", json={"adapters": ["topic", missing], "method": "ties"}), 422,
+             "nor an existing adapter directory")
+
+
+def test_paths_outside_the_roots_are_403_and_never_opened(served, tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = served
+    outside = tmp_path / "outside_adapter"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{not json")  # would be a 422 if it were opened
+    link = tiny_workspace.parent / "adapters" / "sneaky_link"
+    if not link.exists():
+        os.symlink(outside, link)
+    for path in (str(outside), str(tiny_workspace.parent / "adapters" / ".." / ".." / outside.name),
+                 "../../../../etc", str(link)):
+        _problem(client.post("/merges", json={"adapters": ["topic", path], "method": "ties"}), 403,
+                 "outside the allowed roots")
+    sweep = {"adapters": ["topic", "mood"], "method": "weighted_delta",
+             "search": {"type": "grid", "grid": {"lambda": [0.5]}, "warm_start_sweeps": ["/etc"]}}
+    _problem(client.post("/sweeps", json=sweep), 403, "warm_start_sweeps")
+
+
+def test_oversized_body_is_413(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = served
+    body = {"adapters": ["topic", "mood"], "method": "ties", "method_params": {"x": "y" * 10_000}}
+    _problem(client.post("/merges", json=body), 413, "exceeds 4096 bytes")
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b" " * 1000
+
+    _problem(client.post("/merges", content=chunks(), headers={"content-type": "application/json"}), 413)
+
+
+def test_unknown_job_and_cancel_of_a_finished_job(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = served
+    _problem(client.get("/jobs/does-not-exist"), 404, "not found")
+    _problem(client.post("/jobs/does-not-exist/cancel"), 404)
+    _problem(client.get("/runs/run_20990101_000000"), 404)
+    _problem(client.get("/runs/*"), 404)
+    _problem(client.get("/jobs", params={"page_token": "garbage!"}), 422, "page_token")
+    job = client.post("/merges", json=MERGE).json()
+    wait_job(client, job["id"])
+    _problem(client.post(f"/jobs/{job['id']}/cancel"), 409, "already succeeded")
+    _problem(client.get("/evaluations", params={"sort": "metric"}), 422, "needs a task")
+
+
+def test_full_queue_is_429(served) -> None:  # type: ignore[no-untyped-def]
+    client, app, _ = served
+    runtime = app.state.runtime
+    parked = _Parked()
+    executor, runtime.executor = runtime.executor, parked
+    try:
+        assert client.post("/merges", json=MERGE).status_code == 202
+        _problem(client.post("/merges", json=MERGE), 429, "already queued")
+    finally:
+        runtime.executor = executor
+        for job_id in parked.jobs:
+            executor.submit(job_id)
+            wait_job(client, job_id)
+
+
+class _Parked:
+    """An executor that holds jobs (so the queue stays full for the test)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[str] = []
+
+    def submit(self, job_id: str) -> None:
+        self.jobs.append(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+
+def test_auth(tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "a",
+                        token=SecretStr("s3cret"))
+    with thread_server(settings) as (client, _):
+        _problem(client.get("/jobs"), 401, "missing Authorization")
+        _problem(client.get("/jobs", headers={"Authorization": "Bearer wrong"}), 403, "invalid bearer token")
+        ok = client.get("/jobs", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/healthz").status_code == 200  # liveness stays open
+
+
+def test_models_and_migrations_do_not_drift(tmp_path) -> None:
+    env = {**os.environ, "LORA_MERGE_ARTIFACTS_DIR": str(tmp_path),
+           "LORA_MERGE_DATABASE_URL": f"sqlite:///{tmp_path / 'check.db'}"}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(PROJECT_ROOT / "alembic.ini")]
+    subprocess.run([*alembic, "upgrade", "head"], check=True, env=env, cwd=PROJECT_ROOT)
+    check = subprocess.run([*alembic, "check"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
