@@ -69,6 +69,7 @@ class ModelHolder:
         device: str = "auto",
     ) -> None:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         self.model_path = Path(model_path)
         self.model_class = model_class
@@ -81,9 +82,16 @@ class ModelHolder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model: nn.Module = _auto_class(model_class).from_pretrained(
-            self.model_path, dtype=self.dtype
-        )
+        # The task heads come from the adapters, so transformers' report of a freshly
+        # initialised classifier is expected noise here.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.model: nn.Module = _auto_class(model_class).from_pretrained(
+                self.model_path, dtype=self.dtype
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.model.to(self.device).eval()
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
