@@ -74,7 +74,9 @@ class JobRunner:
         config = parse_merge_config(request)
         workspace = self.session.workspace
         result = run_merge(config, task_registry=workspace.task_registry(),
-                           artifacts_dir=self.session.root)
+                           artifacts_dir=self.session.root, session=self.session, cancel=cancel,
+                           progress=lambda done, total, message: self._progress(job_id)(
+                               done, total, message, {}))
         with self.db() as db:
             crud.update_progress(db, job_id=job_id, done=0, total=1, message="merged",
                                  run_dir=str(result.run_dir))

@@ -66,12 +66,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     config = _merge_config(args)
     workspace = _workspace_path(args)
     registry = load_task_registry(workspace) if args.workspace or workspace.is_file() else None
-    result = run_merge(
-        config,
-        task_registry=registry,
-        artifacts_dir=args.output_dir,
-        save=True if args.save else None,
-    )
+    session = _session(args) if config.optimizer.name != "none" else None
+    bar = _ProgressBar(config.optimizer.name)
+    try:
+        result = run_merge(
+            config,
+            task_registry=registry,
+            artifacts_dir=args.output_dir,
+            save=True if args.save else None,
+            session=session,
+            progress=(lambda done, total, message: bar(done, total, message, {})),
+        )
+    finally:
+        bar.close()
     summary = {
         "merge_tag": result.merge_tag,
         "run_dir": str(result.run_dir),
@@ -123,7 +130,8 @@ def _session(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from merging_core.evaluation.workspace import load_workspace
 
     workspace = load_workspace(_workspace_path(args))
-    return EvalSession.from_workspace(workspace, args.output_dir or "artifacts", device=args.device)
+    return EvalSession.from_workspace(workspace, args.output_dir or "artifacts",
+                                      device=getattr(args, "device", None))
 
 
 def _subset(args: argparse.Namespace, config: Any) -> Any:

@@ -19,6 +19,9 @@ class ParamKind(str, Enum):
     BOOL = "bool"
     # A scalar, or a list with one value per adapter.
     WEIGHTS = "float_or_list"
+    # One of `choices`.
+    CHOICE = "choice"
+    STRING = "string"
 
 
 class _Required:
@@ -39,6 +42,7 @@ class ParamSpec:
     default: Any = REQUIRED
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -72,6 +76,11 @@ class ParamSpec:
             if not isinstance(value, bool):
                 raise ParamError(f"{owner}: parameter {self.name!r} must be true or false")
             return value
+        if self.kind in (ParamKind.CHOICE, ParamKind.STRING):
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                allowed = f"one of {', '.join(self.choices)}" if self.choices else "a string"
+                raise ParamError(f"{owner}: parameter {self.name!r} must be {allowed}, got {value!r}")
+            return value
         if self.kind is ParamKind.INT:
             return self._number(owner, value, integer=True)
         if self.kind is ParamKind.FLOAT:
@@ -99,6 +108,8 @@ class ParamSpec:
             schema = {**number, "type": "integer"}
         elif self.kind is ParamKind.BOOL:
             schema = {"type": "boolean"}
+        elif self.kind in (ParamKind.CHOICE, ParamKind.STRING):
+            schema = {"type": "string", **({"enum": list(self.choices)} if self.choices else {})}
         else:
             schema = number
         described = {"name": self.name, "kind": self.kind.value, "required": self.required}

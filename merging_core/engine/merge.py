@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,8 @@ class MergeOutput:
     params: Params
     policy: LambdaPolicy
     transforms: Sequence[Transform] = ()
+    optimizer_artifacts: dict[str, Any] = field(default_factory=dict)
+    optimizer_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def adapter_names(self) -> list[str]:

@@ -33,7 +33,7 @@ from merging_core.params import Params
 from merging_core.plugins.optimizers import OptimizerContext, build_optimizer
 from merging_core.plugins.transforms import Transform, build_transform
 from merging_core.policies import LambdaPolicy
-from merging_core.runtime.io import atomic_write_json
+from merging_core.runtime.io import atomic_write, atomic_write_json
 from merging_core.runtime.metadata import library_versions, summarize
 from merging_core.runtime.paths import (
     claim_run_dir,
@@ -120,10 +120,14 @@ def prepare_merge(
     *,
     task_registry: Mapping[str, Path] | None = None,
     adapter_cache: dict[str, LoraAdapter] | None = None,
+    session: Any = None,
+    cancel: Any = None,
+    progress: Any = None,
 ) -> MergeOutput:
     """Validate a spec and load its adapters into an in-memory merge; writes nothing.
 
     `adapter_cache` (keyed by name and path) lets sweeps and the service load each adapter once.
+    `session` (an EvalSession) gives optimizers such as adamerging the resident model and data.
     """
     if isinstance(spec, Mapping):
         spec = parse_merge_config(dict(spec))
@@ -150,8 +154,10 @@ def prepare_merge(
     if left_out:
         log.info("merge_mode=common leaves out modules: %s", left_out)
 
-    context = OptimizerContext(method, params, policy, adapters, modules)
-    policy = optimizer.propose(context, optimizer_params)
+    context = OptimizerContext(method, params, policy, adapters, modules, session=session,
+                               cancel=cancel, progress=progress)
+    optimized = optimizer.propose(context, optimizer_params)
+    policy = optimized.policy
     output = MergeOutput(
         method=method,
         adapters=adapters,
@@ -160,6 +166,8 @@ def prepare_merge(
         params=params,
         policy=policy,
         transforms=transforms,
+        optimizer_artifacts=optimized.artifacts,
+        optimizer_summary=optimized.summary,
     )
     _check_method_fits(output)
     return output
@@ -172,6 +180,8 @@ def run_merge(
     artifacts_dir: str | Path | None = None,
     save: bool | None = None,
     progress: ProgressFn | None = None,
+    session: Any = None,
+    cancel: Any = None,
 ) -> MergeResult:
     """Merge the adapters as configured; always write a run bundle, save the adapter if asked.
 
@@ -182,7 +192,15 @@ def run_merge(
     if isinstance(config, Mapping):
         config = parse_merge_config(dict(config))
     spec = config.to_spec() if isinstance(config, MergeConfig) else config
-    output = prepare_merge(spec, task_registry=task_registry)
+    output = prepare_merge(
+        spec,
+        task_registry=task_registry,
+        adapter_cache=session.adapter_cache if session is not None else None,
+        session=session,
+        cancel=cancel,
+        progress=(lambda done, total, message, extra: progress(done, total, message))
+        if progress is not None else None,
+    )
     method, params = output.method, output.params
     do_save = spec.save_merged if save is None else save
     root = Path(artifacts_dir or spec.output_dir or DEFAULT_ARTIFACTS_DIR)
@@ -215,7 +233,8 @@ def run_merge(
             "method_params": dict(spec.method_params),
             "lambda_policy": policy_description,
             "transforms": transforms,
-            "optimizer": optimizer,
+            "optimizer": {**optimizer, "summary": output.optimizer_summary,
+                          "artifacts": sorted(output.optimizer_artifacts)},
             "adapters": [a.describe() for a in output.adapters],
             "num_modules": len(output.modules),
             "modules": output.modules,
@@ -225,6 +244,11 @@ def run_merge(
             "created_at": created.isoformat(),
             "duration_s": round(time.perf_counter() - started, 4),
         }
+        for name, content in output.optimizer_artifacts.items():
+            if isinstance(content, bytes):
+                atomic_write(temp_dir / name, lambda temp, data=content: temp.write_bytes(data))
+            else:
+                atomic_write_json(temp_dir / name, content)
         atomic_write_json(temp_dir / "merge_metadata.json", metadata)
         atomic_write_json(temp_dir / "summary.json", summarize(metadata))
         publish_run_dir(temp_dir, final_dir)

@@ -1,0 +1,331 @@
+"""AdaMerging: learn one coefficient per (adapter, layer) by entropy minimisation.
+
+Yang et al., ICLR 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning". The merged
+model is W0 + sum_i lambda[i, layer] * dW_i; the lambdas are trained with Adam to minimise the
+mean prediction entropy of each classification task's own head on that task's unlabeled inputs.
+The learned lambdas become a `per_layer` policy, which is then merged, saved and evaluated like
+any other.
+
+Two implementations, same maths:
+- `streaming_parametrize` (default): a forward hook on each target module adds
+  sum_i lambda[i, l] * s_i * B_i (A_i x). The deltas stay factored (O(r) per token); the base
+  weights are never copied, and gradients reach only the lambdas. With `delta_residency:
+  cpu_stream` the factors live on the CPU and move to the device per module and step;
+  `gpu_cache` keeps them on the device.
+- `functional_clone_legacy`: `torch.func.functional_call` over cloned dense weights
+  W0 + sum_i lambda[i, l] dW_i, as the reference implementation does; kept for comparison.
+The model's weights are never modified in place (hooks are removed and heads restored on every
+exit path, including cancellation).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from merging_core.errors import EvaluationError, ParamError
+from merging_core.evaluation.cancel import check, report
+from merging_core.params import ParamKind, ParamSpec, Params
+from merging_core.plugins.optimizers import OptimizerContext, OptimizerResult, OptimizerSpec
+from merging_core.policies import LambdaPolicy
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUPPORTED_METHODS = ("task_vector", "weighted_delta")
+
+PARAMS = (
+    ParamSpec("merge_impl", ParamKind.CHOICE, "how the merged weights are formed",
+              "streaming_parametrize", choices=("streaming_parametrize", "functional_clone_legacy")),
+    ParamSpec("delta_residency", ParamKind.CHOICE, "where the LoRA factors live during training",
+              "cpu_stream", choices=("cpu_stream", "gpu_cache")),
+    ParamSpec("dtype_compute", ParamKind.CHOICE, "autocast dtype of the forward passes", "auto",
+              choices=("auto", "bf16", "fp16", "fp32")),
+    ParamSpec("force_cpu", ParamKind.BOOL, "train on a CPU float32 copy of the base model", False),
+    ParamSpec("steps", ParamKind.INT, "optimisation steps", 100, 1, 100_000),
+    ParamSpec("lr", ParamKind.FLOAT, "Adam learning rate", 0.005, 0.0, 10.0),
+    ParamSpec("batch_size", ParamKind.INT, "unlabeled inputs per task per step", 16, 1, 4096),
+    ParamSpec("split", ParamKind.STRING, "the split whose inputs (labels unused) are used", "train"),
+    ParamSpec("samples_per_task", ParamKind.INT, "cap on unlabeled inputs per task", 256, 1, 1_000_000),
+    ParamSpec("init_lambda", ParamKind.FLOAT, "initial coefficient (paper: 0.3)", 0.3),
+    ParamSpec("clamp_min", ParamKind.FLOAT, "lower clamp of every lambda", 0.0),
+    ParamSpec("clamp_max", ParamKind.FLOAT, "upper clamp of every lambda", 1.0),
+    ParamSpec("seed", ParamKind.INT, "seed for batch order", 0, 0),
+)
+
+
+def _validate(params: Params) -> None:
+    if params["clamp_min"] > params["clamp_max"]:
+        raise ValueError("clamp_min must not exceed clamp_max")
+    if not params["clamp_min"] <= params["init_lambda"] <= params["clamp_max"]:
+        raise ValueError("init_lambda must lie within [clamp_min, clamp_max]")
+
+
+class LayerLambdas:
+    """Index of the trainable coefficients: one row per adapter, one column per layer."""
+
+    def __init__(self, modules: Sequence[str], layer_of: dict[str, int | None], n_adapters: int,
+                 init: float) -> None:
+        self.layers = sorted({layer_of[m] for m in modules if layer_of[m] is not None})
+        self.column = {layer: i for i, layer in enumerate(self.layers)}
+        self.modules = [m for m in modules if layer_of[m] is not None]
+        self.layer_of = layer_of
+        self.values = nn.Parameter(torch.full((n_adapters, len(self.layers)), float(init)))
+
+    def of(self, module: str) -> torch.Tensor:
+        return self.values[:, self.column[self.layer_of[module]]]  # type: ignore[index]
+
+
+class FactoredDeltas:
+    """Per module, the adapters' (A, B, scaling), on the CPU or cached on the device."""
+
+    def __init__(self, adapters: Sequence[Any], modules: Sequence[str], device: torch.device,
+                 residency: str) -> None:
+        self.device = device
+        self.residency = residency
+        self.factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for module in modules:
+            triples = []
+            for adapter in adapters:
+                source = adapter.modules[module]
+                lora_A, lora_B = source.lora_A, source.lora_B
+                if residency == "gpu_cache":
+                    lora_A, lora_B = lora_A.to(device), lora_B.to(device)
+                triples.append((lora_A, lora_B, source.scaling))
+            self.factors[module] = triples
+
+    def get(self, module: str, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        return [(a.to(self.device, dtype, non_blocking=True), b.to(self.device, dtype, non_blocking=True), s)
+                for a, b, s in self.factors[module]]
+
+
+@contextmanager
+def streaming_hooks(model: nn.Module, lambdas: LayerLambdas, deltas: FactoredDeltas) -> Iterator[None]:
+    """Forward hooks adding sum_i lambda[i, l] * s_i * B_i (A_i x) to each target module."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]
+            coefficients = lambdas.of(name)
+            extra = None
+            for index, (lora_A, lora_B, scaling) in enumerate(deltas.get(name, x.dtype)):
+                term = (x @ lora_A.T) @ lora_B.T * (coefficients[index].to(x.dtype) * scaling)
+                extra = term if extra is None else extra + term
+            return output + extra if extra is not None else output
+
+        return hook
+
+    try:
+        for name in lambdas.modules:
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def functional_weights(model: nn.Module, lambdas: LayerLambdas, adapters: Sequence[Any],
+                       transpose: bool) -> dict[str, torch.Tensor]:
+    """Cloned dense weights W0 + sum_i lambda[i, l] dW_i (the legacy path)."""
+    modules = dict(model.named_modules())
+    weights = {}
+    for name in lambdas.modules:
+        base = modules[name].weight
+        merged = base.detach().clone()
+        coefficients = lambdas.of(name)
+        for index, adapter in enumerate(adapters):
+            delta = adapter.modules[name].delta().to(base.device, base.dtype)
+            merged = merged + coefficients[index].to(base.dtype) * (delta.T if transpose else delta)
+        weights[f"{name}.weight"] = merged
+    return weights
+
+
+def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+class AdaMergingTrainer:
+    """Entropy minimisation over per-layer lambdas on a resident model (one step at a time)."""
+
+    def __init__(self, session: Any, adapters: Sequence[Any], modules: Sequence[str], tasks: Sequence[str],
+                 params: Params, holder: Any | None = None) -> None:
+        from merging_core.adapters import layer_index
+
+        self.session = session
+        self.holder = holder or session.holder
+        self.adapters = list(adapters)
+        self.tasks = list(tasks)
+        self.params = params
+        layer_of = {m: layer_index(m) for m in modules}
+        self.lambdas = LayerLambdas(modules, layer_of, len(self.adapters), params["init_lambda"])
+        device = self.holder.device
+        self.deltas = FactoredDeltas(self.adapters, self.lambdas.modules, device, params["delta_residency"])
+        self.transpose = self.adapters[0].fan_in_fan_out
+        choice = params["dtype_compute"]
+        if choice == "auto":
+            choice = "bf16" if device.type == "cuda" else "fp32"
+        self.compute_dtype = _DTYPES[choice]
+        self.inputs = {task: self._inputs(task) for task in self.tasks}
+        self.optimizer = torch.optim.Adam([self.lambdas.values], lr=params["lr"])
+        self.rng = random.Random(params["seed"])
+
+    def _inputs(self, task: str) -> list[str]:
+        data = self.session._split_data(task, self.params["split"])
+        texts = list(data.texts)
+        random.Random(f"{self.params['seed']}:{task}").shuffle(texts)
+        return texts[: self.params["samples_per_task"]]
+
+    def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
+        config = self.session.workspace.task(task)
+        encoded = self.holder.tokenizer(texts, padding=True, truncation=True,
+                                        max_length=config.max_length, return_tensors="pt")
+        return {k: v.to(self.holder.device) for k, v in encoded.items()}
+
+    def batch(self, task: str) -> dict[str, torch.Tensor]:
+        texts = self.inputs[task]
+        size = min(self.params["batch_size"], len(texts))
+        return self._encode(task, self.rng.sample(texts, size))
+
+    def _autocast(self) -> Any:
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.holder.device.type, dtype=self.compute_dtype)
+
+    def loss(self, batches: dict[str, dict[str, torch.Tensor]], impl: str | None = None) -> torch.Tensor:
+        """Sum over tasks of the mean entropy of task t's head on task t's batch."""
+        impl = impl or self.params["merge_impl"]
+        model = self.holder.model
+        total = torch.zeros(())
+        for task, inputs in batches.items():
+            with self.holder.head(self.session.head(task)), self._autocast():
+                if impl == "streaming_parametrize":
+                    with streaming_hooks(model, self.lambdas, self.deltas):
+                        logits = model(**inputs).logits
+                else:
+                    weights = functional_weights(model, self.lambdas, self.adapters, self.transpose)
+                    logits = torch.func.functional_call(model, weights, args=(), kwargs=inputs).logits
+            total = total + mean_entropy(logits).cpu()
+        return total
+
+    def step(self) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss({task: self.batch(task) for task in self.tasks})
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.lambdas.values.clamp_(self.params["clamp_min"], self.params["clamp_max"])
+        return float(loss.detach())
+
+    def policy(self) -> LambdaPolicy:
+        values = self.lambdas.values.detach()
+        overrides = {layer: [round(float(v), 6) for v in values[:, column]]
+                     for layer, column in self.lambdas.column.items()}
+        return LambdaPolicy(kind="per_layer", overrides=overrides)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Base parameters without gradients for the duration (gradients reach the lambdas only)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def _plot_curve(curve: list[float]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    axis.plot(range(1, len(curve) + 1), curve)
+    axis.set_xlabel("step")
+    axis.set_ylabel("sum over tasks of mean entropy")
+    axis.set_title("AdaMerging")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def propose(ctx: OptimizerContext, params: Params) -> OptimizerResult:
+    if ctx.method.name not in SUPPORTED_METHODS:
+        raise ParamError(
+            f"optimizer 'adamerging' learns per-layer task-arithmetic coefficients; use method "
+            f"{' or '.join(SUPPORTED_METHODS)}, not {ctx.method.name!r}"
+        )
+    session = ctx.session
+    if session is None:
+        raise ParamError(
+            "optimizer 'adamerging' needs the base model and task data: run it with a workspace "
+            "(lora-merge merge --workspace ..., or through the service)"
+        )
+    tasks = [a.name for a in ctx.adapters]
+    for task in tasks:
+        config = session.workspace.task(task)
+        if config.evaluator not in ("sequence_classification",):
+            raise ParamError(
+                f"optimizer 'adamerging' needs classification tasks with their own head; task "
+                f"{task!r} uses evaluator {config.evaluator!r}"
+            )
+    holder = None
+    if params["force_cpu"]:
+        from merging_core.evaluation.holder import ModelHolder
+
+        current = session.holder
+        if current.device.type == "cpu" and current.dtype == torch.float32:
+            holder = current
+        else:
+            holder = ModelHolder(current.model_path, model_class=current.model_class,
+                                 dtype="float32", device="cpu")
+    trainer = AdaMergingTrainer(session, ctx.adapters, ctx.modules, tasks, params, holder)
+    if not trainer.lambdas.modules:
+        raise ParamError("optimizer 'adamerging': no adapter module has a layer index to learn")
+    curve: list[float] = []
+    with frozen(trainer.holder.model), trainer.holder.lock:
+        for step in range(params["steps"]):
+            check(ctx.cancel)
+            curve.append(trainer.step())
+            report(ctx.progress, step + 1, params["steps"], f"adamerging step {step + 1} entropy {curve[-1]:.4f}",
+                   entropy=curve[-1])
+    if any(not math.isfinite(v) for v in curve):
+        raise EvaluationError("adamerging diverged (non-finite entropy); lower lr")
+    policy = trainer.policy()
+    learned = {
+        "tasks": tasks,
+        "layers": trainer.lambdas.layers,
+        "lambdas": {str(layer): values for layer, values in policy.overrides.items()},
+        "entropy": curve,
+        "params": params,
+    }
+    return OptimizerResult(
+        policy=policy,
+        artifacts={"adamerging_lambdas.json": learned, "adamerging_entropy.png": _plot_curve(curve)},
+        summary={"final_entropy": curve[-1], "initial_entropy": curve[0], "steps": len(curve)},
+    )
+
+
+ADAMERGING = OptimizerSpec(
+    "adamerging",
+    "learn per-layer, per-adapter lambdas by entropy minimisation (Yang et al., ICLR 2024)",
+    PARAMS,
+    propose,
+    params_validator=_validate,
+)
