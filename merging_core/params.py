@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from merging_core.errors import ParamError
@@ -120,3 +121,28 @@ class ParamSpec:
 
 
 Params = dict[str, Any]
+
+
+def validate_params(
+    owner: str, specs: Sequence[ParamSpec], params: Mapping[str, Any], n_adapters: int = 1
+) -> Params:
+    """Validate `params` against `specs`: unknown names, missing required ones, types, ranges.
+
+    `owner` names what the parameters belong to (e.g. "method 'ties'") in every error.
+    """
+    allowed = {spec.name: spec for spec in specs}
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ParamError(
+            f"{owner} has no parameter {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    validated: Params = {}
+    for spec in specs:
+        if params.get(spec.name) is not None:
+            validated[spec.name] = spec.validate(owner, params[spec.name], n_adapters)
+        elif spec.required:
+            raise ParamError(f"{owner} requires parameter {spec.name!r} ({spec.doc})")
+        else:
+            validated[spec.name] = spec.default
+    return validated

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from merging_core.errors import ParamError, UnknownMethodError
-from merging_core.params import ParamSpec, Params
+from merging_core.params import ParamSpec, Params, validate_params
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -83,23 +83,7 @@ class MergeMethod:
 
     def normalize_params(self, params: Mapping[str, Any], n_adapters: int) -> Params:
         """Fill defaults and validate every parameter; unknown names are errors."""
-        unknown = sorted(set(params) - set(self.param_index))
-        if unknown:
-            allowed = ", ".join(self.param_index) or "none"
-            raise ParamError(
-                f"method {self.name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                f"allowed: {allowed}"
-            )
-        normalized: Params = {}
-        for spec in self.params:
-            if spec.name in params and params[spec.name] is not None:
-                normalized[spec.name] = spec.validate(self.name, params[spec.name], n_adapters)
-            elif spec.required:
-                raise ParamError(
-                    f"method {self.name!r} requires parameter {spec.name!r} ({spec.doc})"
-                )
-            else:
-                normalized[spec.name] = spec.default
+        normalized = validate_params(f"method {self.name!r}", self.params, params, n_adapters)
         if self.params_validator is not None:
             try:
                 self.params_validator(normalized, n_adapters)

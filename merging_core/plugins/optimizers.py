@@ -14,7 +14,7 @@ from typing import Any
 from merging_core.adapters import LoraAdapter
 from merging_core.engine.registry import MergeMethod
 from merging_core.errors import ParamError, UnknownMethodError
-from merging_core.params import ParamSpec, Params
+from merging_core.params import ParamSpec, Params, validate_params
 from merging_core.policies import LambdaPolicy
 
 
@@ -76,18 +76,8 @@ def build_optimizer(name: str, params: Mapping[str, Any]) -> tuple[OptimizerSpec
             f"unknown optimizer {name!r}; available: {', '.join(sorted(optimizers))}"
             + (hint if name == "bayes" else "")
         )
-    allowed = {p.name: p for p in spec.params}
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ParamError(
-            f"optimizer {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
     owner = f"optimizer {name!r}"
-    validated = {
-        p.name: p.validate(owner, params[p.name], 1) if p.name in params else p.default
-        for p in spec.params
-    }
+    validated = validate_params(owner, spec.params, params)
     if spec.params_validator is not None:
         try:
             spec.params_validator(validated)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from merging_core.params import ParamKind, ParamSpec, Params
+from merging_core.params import ParamKind, ParamSpec, Params, validate_params
 from merging_core.errors import ParamError, UnknownMethodError
 from merging_core.methods import sparsify
 
@@ -113,18 +113,8 @@ def build_transform(name: str, params: Mapping[str, Any]) -> Transform:
         raise UnknownMethodError(
             f"unknown transform {name!r}; available: {', '.join(sorted(TRANSFORMS))}"
         )
-    allowed = {p.name: p for p in spec.params}
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ParamError(
-            f"transform {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
     owner = f"transform {name!r}"
-    validated = {
-        p.name: p.validate(owner, params[p.name], 1) if p.name in params else p.default
-        for p in spec.params
-    }
+    validated = validate_params(owner, spec.params, params)
     if name == "della":
         density, epsilon = validated["density"], validated["epsilon"]
         if density - epsilon / 2 <= 0 or density + epsilon / 2 > 1:
