@@ -23,7 +23,7 @@ from app import crud
 from app.api.errors import error_payload
 from app.crud import JobKind, JobStatus
 from merging_core.config import parse_merge_config
-from merging_core.engine.runner import run_merge
+from merging_core.engine.runner import prepare_merge, run_merge
 from merging_core.errors import Cancelled
 from merging_core.evaluation.cancel import CancelToken
 from merging_core.evaluation.evaluate import EvalSession
@@ -99,23 +99,15 @@ class JobRunner:
 
     def _evaluate(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
         config = parse_merge_config(request)
-        output = self._prepare(config)
-        from merging_core.runtime.paths import merge_tag
-
-        tag = merge_tag(output.method.name, output.params,
-                        {"lambda_policy": output.policy.describe(output.params.get("lambda"))})
+        output = prepare_merge(config, task_registry=self.session.workspace.task_registry(),
+                               adapter_cache=self.session.adapter_cache, session=self.session,
+                               cancel=cancel)
         evaluation = self.session.evaluate_merge(
-            output, merge_tag=tag, tasks=config.eval_tasks, split=config.split,
+            output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
             subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel,
             progress=self._progress(job_id),
         )
         return evaluation.to_dict()
-
-    def _prepare(self, config: Any) -> Any:
-        from merging_core.engine.runner import prepare_merge
-
-        return prepare_merge(config, task_registry=self.session.workspace.task_registry(),
-                             adapter_cache=self.session.adapter_cache)
 
     def _sweep(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
         sweep = Sweep(parse_merge_config(request), self.session)

@@ -19,6 +19,7 @@ from merging_core.engine.registry import MergeMethod
 from merging_core.params import Params
 from merging_core.plugins.transforms import Transform
 from merging_core.policies import LambdaPolicy
+from merging_core.runtime.paths import merge_tag
 
 
 def module_generator(seed: int, module: str, salt: str = "") -> torch.Generator:
@@ -57,8 +58,20 @@ class MergeOutput:
     params: Params
     policy: LambdaPolicy
     transforms: Sequence[Transform] = ()
+    merge_mode: str = "common"
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "none", "params": {}})
     optimizer_artifacts: dict[str, Any] = field(default_factory=dict)
     optimizer_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def merge_tag(self) -> str:
+        """Names this merge configuration (readable prefix + hash of everything that matters)."""
+        return merge_tag(self.method.name, self.params, {
+            "lambda_policy": self.policy.describe(self.params.get("lambda")),
+            "transforms": [t.describe() for t in self.transforms],
+            "optimizer": self.optimizer,
+            "merge_mode": self.merge_mode,
+        })
 
     @property
     def adapter_names(self) -> list[str]:

@@ -39,7 +39,6 @@ from merging_core.runtime.paths import (
     claim_run_dir,
     discard_run_dir,
     make_temp_run_dir,
-    merge_tag,
     merged_dir,
     publish_run_dir,
 )
@@ -166,6 +165,8 @@ def prepare_merge(
         params=params,
         policy=policy,
         transforms=transforms,
+        merge_mode=spec.merge_mode,
+        optimizer={"name": spec.optimizer.name, "params": dict(spec.optimizer.params)},
         optimizer_artifacts=optimized.artifacts,
         optimizer_summary=optimized.summary,
     )
@@ -207,13 +208,7 @@ def run_merge(
 
     policy_description = output.policy.describe(params.get("lambda"))
     transforms = [t.describe() for t in output.transforms]
-    optimizer = {"name": spec.optimizer.name, "params": spec.optimizer.params}
-    tag = merge_tag(
-        method.name,
-        params,
-        {"lambda_policy": policy_description, "transforms": transforms, "optimizer": optimizer,
-         "merge_mode": spec.merge_mode},
-    )
+    tag = output.merge_tag
     runs_root = merged_dir(root, method.name, output.adapter_names) / "runs"
     temp_dir = make_temp_run_dir(runs_root)
     final_dir: Path | None = None
@@ -233,7 +228,7 @@ def run_merge(
             "method_params": dict(spec.method_params),
             "lambda_policy": policy_description,
             "transforms": transforms,
-            "optimizer": {**optimizer, "summary": output.optimizer_summary,
+            "optimizer": {**output.optimizer, "summary": output.optimizer_summary,
                           "artifacts": sorted(output.optimizer_artifacts)},
             "adapters": [a.describe() for a in output.adapters],
             "num_modules": len(output.modules),

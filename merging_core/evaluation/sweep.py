@@ -35,7 +35,7 @@ from merging_core.errors import ConfigError, ParamError
 from merging_core.evaluation.cancel import CancelToken, Progress, check, report
 from merging_core.evaluation.evaluate import EvalSession, subset_namespace
 from merging_core.runtime.io import atomic_write_json
-from merging_core.runtime.paths import merge_tag, merged_dir
+from merging_core.runtime.paths import merged_dir
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +353,7 @@ class Sweep:
                   cancel: CancelToken | None) -> Trial:
         started = time.perf_counter()
         output = self._merge_for(point)
-        tag = merge_tag(output.method.name, output.params,
-                        {"lambda_policy": output.policy.describe(output.params.get("lambda"))})
+        tag = output.merge_tag
         eval_id = f"{self.sweep_id}/trial_{index:04d}"
         result = self.session.evaluate_merge(
             output, merge_tag=tag, tasks=self.tasks, split=self.config.split,
