@@ -6,14 +6,17 @@ What it does, all on loopback:
 2. starts the real service in a subprocess (`python -m app.cli serve --port P`, uvicorn) with
    `LORA_MERGE_WORKSPACE`, `LORA_MERGE_ARTIFACTS_DIR`, `HF_HUB_OFFLINE=1` and
    `LORA_MERGE_MAX_QUEUED_JOBS=1000`, and waits for `/readyz`;
-3. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a fine `lambda` grid) and
-   waits until the worker is running it and has finished its first trial;
+3. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 20 x 20 per-layer `lambda`
+   grid, 400 trials by default) and waits until the worker is running it and has finished its
+   first trial;
 4. for `--seconds` (default 20): `--pollers` (default 50) concurrent pollers of
    `GET /jobs/{sweep_id}` (each waits `--poll-interval` between its requests, 0.5 s by default,
-   the interval of the project's own `--server` client and of the SSE stream), plus a steady
-   stream of `POST /merges` (`ties` on the two tasks) every `--post-interval` (default 0.1 s),
-   sent on schedule whether or not the previous one has answered. Request counts are bounded
-   (each poller and the POST stream stop after the number of requests the window allows);
+   the interval of the project's own `--server` client and of the SSE stream; the pollers'
+   phases are spread evenly over one interval), plus a steady stream of `POST /merges` (`ties`
+   on the two tasks) every `--post-interval` (default 0.1 s), sent on schedule whether or not
+   the previous one has answered. Request counts are bounded (each poller and the POST stream
+   stop after the number of requests the window allows) and every request times out after
+   10 s (counted as an error);
 5. records every request's latency (from sending to the full response, measured in this
    client with `httpx.AsyncClient`), and checks that the sweep is still `running` at the end,
    i.e. the worker was busy for the whole window;
@@ -44,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -69,6 +73,7 @@ GOALS_MS = {"GET": 50.0, "POST": 100.0}
 TASKS = ["topic", "mood"]
 MERGE_BODY: dict[str, Any] = {"adapters": TASKS, "method": "ties"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
+REQUEST_TIMEOUT_S = 10.0  # a request not answered by then counts as an error (ReadTimeout)
 
 
 def sweep_body(points: int) -> dict[str, Any]:
@@ -246,8 +251,9 @@ def wait_first_trial(client: httpx.Client, job_id: str, timeout: float) -> dict[
 # --- the load --------------------------------------------------------------------------------
 
 
-async def poller(client: httpx.AsyncClient, job_id: str, until: float, interval: float,
-                 max_requests: int, samples: Samples, observed: Observed) -> None:
+async def poller(client: httpx.AsyncClient, job_id: str, offset: float, until: float,
+                 interval: float, max_requests: int, samples: Samples, observed: Observed) -> None:
+    await asyncio.sleep(offset)
     for _ in range(max_requests):
         if time.perf_counter() >= until:
             return
@@ -300,15 +306,18 @@ async def measure(base_url: str, job_id: str, seconds: float, pollers: int, poll
                   post_interval: float, observed: Observed) -> tuple[Samples, Samples]:
     gets, posts = Samples(), Samples()
     limits = httpx.Limits(max_connections=pollers + 64, max_keepalive_connections=pollers + 64)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         # One request per connection first, so connection set-up is not in the measurement.
         await asyncio.gather(*(client.get("/healthz") for _ in range(pollers)))
         start = time.perf_counter()
         until = start + seconds
         max_polls = int(seconds / poll_interval) + 1
+        # The pollers' phases are spread evenly over one interval, as independent clients'
+        # would be (not all 50 firing at the same instant every interval).
         await asyncio.gather(
-            *(poller(client, job_id, until, poll_interval, max_polls, gets, observed)
-              for _ in range(pollers)),
+            *(poller(client, job_id, index * poll_interval / pollers, until, poll_interval,
+                     max_polls, gets, observed) for index in range(pollers)),
             post_stream(client, start, until, post_interval, posts),
         )
         observed.window_s = time.perf_counter() - start
@@ -323,7 +332,7 @@ def fmt(value: float | None) -> str:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as metadata
+    from importlib import metadata
 
     found = {"python": platform.python_version()}
     for package in ("torch", "fastapi", "uvicorn", "sqlalchemy", "httpx"):
@@ -346,23 +355,25 @@ def report(args: argparse.Namespace, rows: list[Row], observed: Observed, gets: 
     lines = [
         "# API latency while the worker is busy (CPU)",
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date (UTC): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')}",
         f"- machine: {platform.platform()}, {cpus} CPUs ({usable} usable by this process)",
-        f"- load average (1/5/15 min) before: {load(observed.load_before)}, after: "
-        f"{load(observed.load_after)}",
+        (f"- load average (1/5/15 min) before: {load(observed.load_before)}, after: "
+        f"{load(observed.load_after)}"),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in found.items()),
-        f"- command: `.venv/bin/python bench/api_bench.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- command: `.venv/bin/python bench/api_bench.py {shlex.join(sys.argv[1:])}`".rstrip(),
     ]
     if args.note:
         lines.append(f"- note: {args.note}")
     lines += [
         "",
-        f"Load for {observed.window_s:.1f} s on loopback: {args.pollers} concurrent pollers of "
-        f"`GET /jobs/{{sweep_id}}` (each waits {args.poll_interval:g} s between its requests) and "
+        (f"Load for {args.seconds:g} s (the last answer came after {observed.window_s:.1f} s) on "
+        f"loopback: {args.pollers} concurrent pollers of "
+        f"`GET /jobs/{{sweep_id}}` (each waits {args.poll_interval:g} s between its requests, "
+        "phases spread over the interval) and "
         f"one `POST /merges` (`ties`, 2 adapters) every {args.post_interval:g} s, while the "
         f"worker runs a {observed.total}-trial `weighted_delta` grid sweep (per-layer `lambda`) on "
         "the tiny workspace. Latency is measured in the client (httpx.AsyncClient, same machine), from "
-        "sending the request to the full response.",
+        "sending the request to the full response."),
         "",
         "| request | count | errors | p50 ms | p95 ms | p99 ms | max ms | goal (p99) | result |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -379,10 +390,10 @@ def report(args: argparse.Namespace, rows: list[Row], observed: Observed, gets: 
     rate = trials / observed.window_s if observed.window_s else 0.0
     lines += [
         "",
-        f"- worker busy for the whole window: {'yes' if busy else 'NO'} (sweep "
+        (f"- worker busy for the whole window: {'yes' if busy else 'NO'} (sweep "
         f"`{observed.status_before}` at the start, `{observed.status_after}` at the end{seen}; "
         f"trials {observed.done_before} -> {observed.done_after} of {observed.total}, "
-        f"{rate:.2f} trials/s during the window)",
+        f"{rate:.2f} trials/s during the window)"),
     ]
     if observed.server_cpu_s is not None and observed.window_s:
         lines.append(f"- server process CPU during the window: {observed.server_cpu_s:.1f} s "

@@ -28,6 +28,35 @@ def module_generator(seed: int, module: str, salt: str = "") -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+class LazyDeltas(Sequence[torch.Tensor]):
+    """The source deltas of one module, computed (and transformed) on each access.
+
+    Nothing holds the dense source deltas between accesses, so a method that reads each once
+    never keeps an untransformed copy alive; a delta costs one rank-r matmul to recompute.
+    Transform randomness is seeded per (module, step, adapter), so access order is irrelevant.
+    """
+
+    def __init__(self, module: str, sources: list[LoraModule], transforms: Sequence[Transform]) -> None:
+        self.module, self.sources, self.transforms = module, sources, transforms
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        delta = self.sources[index].delta()
+        for step, transform in enumerate(self.transforms):
+            generator = None
+            if transform.spec.seeded:
+                generator = module_generator(
+                    transform.params["seed"], self.module, f"transform{step}/adapter{index}"
+                )
+            delta = transform.apply(delta, generator)
+        return delta
+
+
 @dataclass
 class ModuleMerge:
     """The merge of one target module."""
@@ -90,20 +119,6 @@ class MergeOutput:
             params["lambda"] = self.policy.resolve(layer_index(module), params["lambda"])
         return params
 
-    def _source_deltas(self, module: str, sources: list[LoraModule]) -> list[torch.Tensor]:
-        deltas = []
-        for index, source in enumerate(sources):
-            delta = source.delta()
-            for step, transform in enumerate(self.transforms):
-                generator = None
-                if transform.spec.seeded:
-                    generator = module_generator(
-                        transform.params["seed"], module, f"transform{step}/adapter{index}"
-                    )
-                delta = transform.apply(delta, generator)
-            deltas.append(delta)
-        return deltas
-
     def plan_module(self, module: str) -> ModuleMerge:
         """Sources and resolved params of one module, nothing computed yet."""
         sources = [a.modules[module] for a in self.adapters]
@@ -122,7 +137,7 @@ class MergeOutput:
             merged.factors = self.method.merge_in_memory(triples, params)  # type: ignore[call-arg]
             return merged
         generator = module_generator(params["seed"], module) if self.method.seeded else None
-        deltas = self._source_deltas(module, sources)
+        deltas = LazyDeltas(module, sources, self.transforms)
         merged.delta = self.method.merge_in_memory(deltas, params, generator)  # type: ignore[call-arg]
         return merged
 

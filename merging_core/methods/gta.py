@@ -17,24 +17,36 @@ Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
 Consensus = Literal["total", "frequency"]
 
 
-def majority_sign_mask(stacked: torch.Tensor, method: Consensus = "total") -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected sign (stacked on dim 0)."""
-    signs = stacked.sign()
+def elect_positive(kept: Sequence[torch.Tensor], method: Consensus = "total") -> torch.Tensor:
+    """Where the elected sign is + (True) or - (False); ties (a zero sum) elect +, as in peft."""
     if method == "total":
-        elected_from = stacked.sum(dim=0)
+        elected_from = kept[0].clone()
+        for delta in kept[1:]:
+            elected_from.add_(delta)
     elif method == "frequency":
-        elected_from = signs.sum(dim=0)
+        elected_from = kept[0].sign()
+        for delta in kept[1:]:
+            elected_from.add_(delta.sign())
     else:
         raise ValueError(f"consensus must be 'total' or 'frequency', got {method!r}")
-    elected = torch.where(elected_from >= 0, 1.0, -1.0).to(stacked.dtype)
-    return signs == elected
+    return elected_from >= 0
 
 
-def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
-    """Mean over the entries that agree with the elected sign (zeros never count)."""
-    total = (weighted * agree).sum(dim=0)
-    count = agree.sum(dim=0)
-    return total / torch.clamp(count, min=1.0)
+def disjoint_mean(
+    kept: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean over the entries whose sign agrees with the elected one (zeros never count).
+
+    Accumulated one adapter at a time with a bool sign and a uint8 count, so the extra memory
+    is about one dense delta, not a stack of them.
+    """
+    total = torch.zeros_like(kept[0])
+    count = torch.zeros(kept[0].shape, dtype=torch.uint8, device=kept[0].device)
+    for delta, weight in zip(kept, weights):
+        agree = torch.where(positive, delta > 0, delta < 0)
+        total.add_(delta * agree, alpha=weight)
+        count.add_(agree)
+    return total.div_(count.clamp_(min=1))
 
 
 def generalized_task_arithmetic(
@@ -45,15 +57,19 @@ def generalized_task_arithmetic(
     consensus: Consensus | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Merge dense deltas; `sparsify(delta, adapter_index)` runs per source adapter."""
+    """Merge dense deltas; `sparsify(delta, adapter_index)` runs per source adapter.
+
+    `deltas` is read once per adapter, in order (it may compute each delta on access).
+    """
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights for {len(deltas)} deltas")
-    kept = [sparsify(d, i) if sparsify else d for i, d in enumerate(deltas)]
-    stacked = torch.stack(kept, dim=0)
-    weight_column = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-    weighted = stacked * weight_column.view(-1, *([1] * (stacked.dim() - 1)))
+    if len(deltas) > 255:
+        raise ValueError("at most 255 adapters can be merged at once")
+    kept = [sparsify(deltas[i], i) if sparsify else deltas[i] for i in range(len(deltas))]
     if consensus is None:
-        merged = weighted.sum(dim=0)
+        merged = kept[0] * weights[0]
+        for delta, weight in zip(kept[1:], weights[1:]):
+            merged.add_(delta, alpha=weight)
     else:
-        merged = disjoint_mean(weighted, majority_sign_mask(stacked, consensus))
-    return merged * scale if scale != 1.0 else merged
+        merged = disjoint_mean(kept, weights, elect_positive(kept, consensus))
+    return merged.mul_(scale) if scale != 1.0 else merged

@@ -12,8 +12,8 @@ def linear_combination(deltas: Sequence[torch.Tensor], coefficients: Sequence[fl
     if len(coefficients) != len(deltas):
         raise ValueError(f"got {len(coefficients)} coefficients for {len(deltas)} deltas")
     merged = deltas[0] * coefficients[0]
-    for delta, coefficient in zip(deltas[1:], coefficients[1:]):
-        merged.add_(delta, alpha=coefficient)
+    for index in range(1, len(deltas)):
+        merged.add_(deltas[index], alpha=coefficients[index])
     return merged
 
 
