@@ -19,6 +19,7 @@ from app.db import make_engine, make_session_factory
 from app.settings import PROJECT_ROOT, Settings
 from app.worker import Executor, InProcessExecutor, JobRunner, recover
 from merging_core.evaluation.evaluate import EvalSession
+from merging_core.runtime.memory import release_freed_memory_promptly
 from merging_core.evaluation.workspace import Workspace, load_workspace
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def upgrade_database(url: str) -> None:
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
+        release_freed_memory_promptly()
         self.settings = settings
         settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.artifacts_dir = settings.artifacts_dir.resolve()

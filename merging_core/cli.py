@@ -27,6 +27,7 @@ from merging_core.config import load_merge_config, parse_merge_config
 from merging_core.engine import list_methods
 from merging_core.engine.runner import run_merge
 from merging_core.errors import MergeError
+from merging_core.runtime.memory import release_freed_memory_promptly
 
 
 def _value(text: str) -> Any:
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    release_freed_memory_promptly()
     with warnings.catch_warnings():
         warnings.simplefilter("default", DeprecationWarning)
         try:

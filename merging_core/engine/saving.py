@@ -77,9 +77,19 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     root = s.sqrt()
     lora_B = (u * root).contiguous()
     lora_A = (v * root).T.contiguous()
-    norm = matrix.norm()
-    error = float((matrix - lora_B @ lora_A).norm() / norm) if norm > 0 else 0.0
-    return lora_B, lora_A, error
+    return lora_B, lora_A, relative_error(matrix, lora_B, lora_A)
+
+
+def relative_error(matrix: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor) -> float:
+    """||matrix - B A||_F / ||matrix||_F, measured exactly, a block of rows at a time."""
+    norm = float(matrix.norm())
+    if norm == 0:
+        return 0.0
+    squared = 0.0
+    for start in range(0, matrix.shape[0], 256):
+        block = matrix[start : start + 256] - lora_B[start : start + 256] @ lora_A
+        squared += float(block.square().sum())
+    return squared**0.5 / norm
 
 
 def save_linear(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -33,19 +33,25 @@ def elect_positive(kept: Sequence[torch.Tensor], method: Consensus = "total") ->
 
 
 def disjoint_mean(
-    kept: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor
+    kept: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    positive: torch.Tensor,
+    owned: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Weighted mean over the entries whose sign agrees with the elected one (zeros never count).
 
     Accumulated one adapter at a time with a bool sign and a uint8 count, so the extra memory
-    is about one dense delta, not a stack of them.
+    is about one dense delta, not a stack of them. Tensors marked `owned` (made here, not the
+    caller's) are masked in place.
     """
     total = torch.zeros_like(kept[0])
     count = torch.zeros(kept[0].shape, dtype=torch.uint8, device=kept[0].device)
-    for delta, weight in zip(kept, weights):
+    for index, (delta, weight) in enumerate(zip(kept, weights)):
         agree = torch.where(positive, delta > 0, delta < 0)
-        total.add_(delta * agree, alpha=weight)
+        masked = delta.mul_(agree) if owned is not None and owned[index] else delta * agree
+        total.add_(masked, alpha=weight)
         count.add_(agree)
+        del agree, masked
     return total.div_(count.clamp_(min=1))
 
 
@@ -65,11 +71,18 @@ def generalized_task_arithmetic(
         raise ValueError(f"got {len(weights)} weights for {len(deltas)} deltas")
     if len(deltas) > 255:
         raise ValueError("at most 255 adapters can be merged at once")
-    kept = [sparsify(deltas[i], i) if sparsify else deltas[i] for i in range(len(deltas))]
+    kept, owned = [], []
+    for index in range(len(deltas)):
+        source = deltas[index]
+        result = sparsify(source, index) if sparsify else source
+        kept.append(result)
+        owned.append(result is not source)  # a sparsifier's output is a new tensor: ours
+        del source, result
     if consensus is None:
         merged = kept[0] * weights[0]
         for delta, weight in zip(kept[1:], weights[1:]):
             merged.add_(delta, alpha=weight)
     else:
-        merged = disjoint_mean(kept, weights, elect_positive(kept, consensus))
+        positive = elect_positive(kept, consensus)
+        merged = disjoint_mean(kept, weights, positive, owned)
     return merged.mul_(scale) if scale != 1.0 else merged

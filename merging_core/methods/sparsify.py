@@ -28,8 +28,25 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if keep <= 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     magnitude = delta.abs()
-    threshold = magnitude.flatten().kthvalue(numel - keep + 1).values
+    threshold = _kth_largest(magnitude.flatten(), keep)
     return magnitude >= threshold
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest value, without kthvalue's full copy of a large tensor.
+
+    A strided sample bounds the threshold from below; kthvalue then runs on the (much
+    smaller) candidates above that bound. Falls back to a full kthvalue if the bound is off.
+    """
+    numel = values.numel()
+    if numel > 1_000_000:
+        sample = values[:: numel // 65536].sort().values
+        position = int((1.0 - k / numel - 0.01) * sample.numel())
+        if position > 0:
+            candidates = values[values >= sample[position]]
+            if candidates.numel() >= k:
+                return candidates.kthvalue(candidates.numel() - k + 1).values
+    return values.kthvalue(numel - k + 1).values
 
 
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
