@@ -59,6 +59,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from merging_core.runtime.memory import release_freed_memory_promptly  # noqa: E402
 RESULTS_FILE = REPO_ROOT / "bench" / "results" / "merge_bench_cpu.md"
 RESULT_PREFIX = "MERGE_BENCH_RESULT "
 
@@ -566,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.case is not None:
         if args.workdir is None:
             raise SystemExit("--case needs --workdir")
+        # The same allocator setting for every case, ours and peft's: freed large tensors go
+        # back to the OS at once (what `lora-merge` and the service do at start-up).
+        release_freed_memory_promptly()
         result = CASES[args.case](args.workdir, args.case)
         print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
         return 0
