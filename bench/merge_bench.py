@@ -20,7 +20,9 @@ model with the 3 adapters (PEFT needs the base model). Ratios and goals are comp
 numbers measured in the same run.
 
 Run from the repository root (CPU only; `make bench` runs the first line). PEFT's SVD cases
-dominate the run time: with 2 cores the full size takes 20-30 minutes, `--quick` about 6.
+dominate the run time: on an idle 2-core machine the full size takes about 8 minutes (and
+much longer, with erratic timings, when other processes compete for the cores; see the load
+avg column).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py          # print the table
     HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_bench.py --write  # and write it to
@@ -33,6 +35,11 @@ Options: `--threads N` sets torch's threads in every case (on a shared machine, 
 OpenMP threads waiting on a core another process holds); `--flush-denormal` turns on
 `torch.set_flush_denormal` in every case (LAPACK's SVD in PEFT slows down a lot on subnormal
 floats; the default leaves torch's default, as a PEFT user would run it).
+
+Every case, ours and PEFT's, first calls `release_freed_memory_promptly()` (glibc mmap
+threshold 1 MiB, as `lora-merge` and the service do), so freed large tensors go back to the
+system at once and the peak RSS shows the merge's own working set, not blocks the allocator
+kept for reuse.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from merging_core.runtime.memory import release_freed_memory_promptly  # noqa: E402
+
 RESULTS_FILE = REPO_ROOT / "bench" / "results" / "merge_bench_cpu.md"
 RESULT_PREFIX = "MERGE_BENCH_RESULT "
 

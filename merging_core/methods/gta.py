@@ -33,7 +33,7 @@ def elect_positive(kept: Sequence[torch.Tensor], method: Consensus = "total") ->
 
 
 def disjoint_mean(
-    kept: Sequence[torch.Tensor],
+    kept: list[torch.Tensor],
     weights: Sequence[float],
     positive: torch.Tensor,
     owned: Sequence[bool] | None = None,
@@ -41,17 +41,24 @@ def disjoint_mean(
     """Weighted mean over the entries whose sign agrees with the elected one (zeros never count).
 
     Accumulated one adapter at a time with a bool sign and a uint8 count, so the extra memory
-    is about one dense delta, not a stack of them. Tensors marked `owned` (made here, not the
-    caller's) are masked in place.
+    is about one dense delta, not a stack of them. It consumes `kept`: each entry is released
+    (set to None) once accumulated. Tensors marked `owned` (not the caller's) are masked in place.
     """
-    total = torch.zeros_like(kept[0])
+    total: torch.Tensor | None = None
     count = torch.zeros(kept[0].shape, dtype=torch.uint8, device=kept[0].device)
-    for index, (delta, weight) in enumerate(zip(kept, weights)):
+    for index, weight in enumerate(weights):
+        delta = kept[index]
+        kept[index] = None  # type: ignore[call-overload]
         agree = torch.where(positive, delta > 0, delta < 0)
-        masked = delta.mul_(agree) if owned is not None and owned[index] else delta * agree
-        total.add_(masked, alpha=weight)
+        mine = owned is not None and owned[index]
+        masked = delta.mul_(agree) if mine else delta * agree
+        if total is None:
+            total = masked.mul_(weight)  # masked is ours either way: reuse it as the sum
+        else:
+            total.add_(masked, alpha=weight)
         count.add_(agree)
-        del agree, masked
+        del delta, agree, masked
+    assert total is not None
     return total.div_(count.clamp_(min=1))
 
 

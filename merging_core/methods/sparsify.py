@@ -50,10 +50,20 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top `density` fraction of entries by magnitude (Yadav et al. 2023, TIES trim)."""
-    if density >= 1.0:
+    """Keep the top `density` fraction of entries by magnitude (Yadav et al. 2023, TIES trim).
+
+    The |delta| buffer is reused for the result, so this costs one module-sized tensor.
+    """
+    _check_density(density)
+    numel = delta.numel()
+    keep = int(density * numel)
+    if keep >= numel:
         return delta
-    return delta * magnitude_mask(delta, density)
+    if keep <= 0:
+        return torch.zeros_like(delta)
+    buffer = delta.abs()
+    keep_mask = buffer >= _kth_largest(buffer.flatten(), keep)
+    return torch.where(keep_mask, delta, torch.zeros((), dtype=delta.dtype), out=buffer)
 
 
 def random_drop(
