@@ -76,7 +76,7 @@ class LoraModule:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight delta, in the LoRA orientation (out x in)."""
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).mul_(self.scaling)
 
 
 @dataclass
