@@ -22,7 +22,11 @@ from peft import LoraConfig
 
 from merging_core.adapters.loading import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput, ModuleMerge
-from merging_core.runtime.io import atomic_save_safetensors, atomic_write_json
+from merging_core.runtime.io import (
+    StreamingSafetensorsWriter,
+    atomic_save_safetensors,
+    atomic_write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,19 +129,26 @@ def save_merged_adapter(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Write the merged adapter into `out_dir`; return a report for the run metadata."""
-    state: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     total = len(output.modules)
-    for done, module in enumerate(output.modules, start=1):
-        planned = output.plan_module(module) if output.exact_linear else output.merge_module(module)
-        lora_B, lora_A, error = output.method.save_fn(planned, save_rank)
-        state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lora_A.contiguous()
-        state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lora_B.contiguous()
-        ranks[module] = int(lora_A.shape[0])
-        errors[module] = error
-        if progress is not None:
-            progress(done, total, f"saved {module}")
+    # Each module's factors go to disk as they are made: a large save never holds them all.
+    writer = StreamingSafetensorsWriter(out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    try:
+        for done, module in enumerate(output.modules, start=1):
+            planned = output.plan_module(module) if output.exact_linear else output.merge_module(module)
+            lora_B, lora_A, error = output.method.save_fn(planned, save_rank)
+            writer.add(f"{PEFT_PREFIX}{module}.lora_A.weight", lora_A)
+            writer.add(f"{PEFT_PREFIX}{module}.lora_B.weight", lora_B)
+            ranks[module] = int(lora_A.shape[0])
+            errors[module] = error
+            del planned, lora_B, lora_A
+            if progress is not None:
+                progress(done, total, f"saved {module}")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {module: r for module, r in ranks.items() if r != rank}
@@ -157,7 +168,6 @@ def save_merged_adapter(
     config_dict = config.to_dict()
     config_dict["peft_type"] = "LORA"
     config_dict["target_modules"] = sorted(output.modules)
-    atomic_save_safetensors(state, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     atomic_write_json(out_dir / CONFIG_FILE, config_dict)
     for adapter_name, heads in output.heads.items():
         atomic_save_safetensors(heads, out_dir / "heads" / f"{adapter_name}.safetensors")

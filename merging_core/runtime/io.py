@@ -72,3 +72,61 @@ def atomic_save_safetensors(
 ) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda temp: save_file(contiguous, str(temp), metadata=metadata))
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file one tensor at a time, holding none of them in memory.
+
+    The `safetensors` package only writes whole dicts, which would keep every module's saved
+    factors resident until the end of a large save. This writer appends each tensor's bytes to a
+    scratch file as it comes, then writes the header (the format's 8-byte length, JSON, padding)
+    followed by the data into a temp file that is fsynced and renamed over `path`.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.metadata = metadata
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+        self._data_path = Path(name)
+        self._data = os.fdopen(fd, "wb")
+        self._header: dict[str, Any] = {}
+        self._offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._header:
+            raise ValueError(f"tensor {name!r} written twice")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy().tobytes()
+        self._data.write(raw)
+        self._header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self._offset, self._offset + len(raw)]}
+        self._offset += len(raw)
+
+    def close(self) -> None:
+        self._data.close()
+        header = dict(self._header)
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+
+        def write(temp: Path) -> None:
+            with temp.open("wb") as out, self._data_path.open("rb") as data:
+                out.write(len(encoded).to_bytes(8, "little"))
+                out.write(encoded)
+                while chunk := data.read(1 << 22):
+                    out.write(chunk)
+
+        try:
+            atomic_write(self.path, write)
+        finally:
+            self._data_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
