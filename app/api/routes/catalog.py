@@ -59,7 +59,7 @@ def evaluations(
     sort: Literal["created_at", "objective", "metric", "interference"] = "created_at",
     order: Literal["asc", "desc"] = "desc",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> EvaluationPage:
     entries, total = crud.query_evaluations(
         db, method=method, task=task, split=split, tag=tag, subset=subset, sort=sort,
