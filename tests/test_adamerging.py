@@ -42,7 +42,7 @@ def test_both_merge_impls_give_the_same_loss_and_gradients(session) -> None:
             trainer.lambdas.values.grad = None
             loss = trainer.loss(batches, impl)
             loss.backward()
-            results[impl] = (float(loss), trainer.lambdas.values.grad.clone())
+            results[impl] = (float(loss.detach()), trainer.lambdas.values.grad.clone())
     (loss_a, grad_a), (loss_b, grad_b) = results.values()
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-7)
