@@ -10,7 +10,7 @@ algorithms, single-process data order (a seeded ``torch.Generator``, no loader w
 
     # (re)draw the train subsets from the full public datasets
     python scripts/train_demo_adapters.py --prepare-data
-    # train all three adapters (about 15 minutes on 2 CPU cores)
+    # train all three adapters (about 20 minutes on a shared 2-core CPU)
     HF_HUB_OFFLINE=1 python scripts/train_demo_adapters.py
     # a quick smoke run
     python scripts/train_demo_adapters.py --tasks intent --max-steps 3 --max-train-examples 32 \\
