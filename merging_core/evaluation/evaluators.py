@@ -98,10 +98,7 @@ def classification_metrics(
 
 
 def _encode(ctx: EvalContext, texts: list[str]) -> dict[str, torch.Tensor]:
-    encoded = ctx.holder.tokenizer(
-        texts, padding=True, truncation=True, max_length=ctx.task.max_length, return_tensors="pt"
-    )
-    return {k: v.to(ctx.holder.device) for k, v in encoded.items()}
+    return ctx.holder.encode(texts, ctx.task.max_length)
 
 
 def _require_labels(ctx: EvalContext) -> list[str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from merging_core.evaluation.cancel import CancelToken, check
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODING_CACHE_BATCHES = 512  # padded batches kept by ModelHolder.encode (a few MB)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,6 +101,26 @@ class ModelHolder:
         self._modules: dict[str, nn.Module] = dict(self.model.named_modules())
         self._saved_weights: dict[str, torch.Tensor] = {}
         self.lock = threading.RLock()
+        self._encodings: OrderedDict[tuple[int, str, tuple[str, ...]], dict[str, torch.Tensor]] = OrderedDict()
+
+    # --- inputs ----------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        """Tokenise one padded batch onto the model's device. Sweeps evaluate the same batches
+        every trial, so recent batches are kept (bounded LRU) instead of re-tokenised."""
+        key = (max_length, str(self.tokenizer.padding_side), tuple(texts))
+        cached = self._encodings.get(key)
+        if cached is not None:
+            self._encodings.move_to_end(key)
+            return cached
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        batch = {name: tensor.to(self.device) for name, tensor in encoded.items()}
+        self._encodings[key] = batch
+        if len(self._encodings) > ENCODING_CACHE_BATCHES:
+            self._encodings.popitem(last=False)
+        return batch
 
     # --- weights ---------------------------------------------------------------------------
 
