@@ -108,6 +108,9 @@ class EvalTaskResult(Base):
     interference_delta: Mapped[float] = mapped_column(Float)
 
 
+SQLITE_BEGIN = "sqlite_begin"  # execution option: IMMEDIATE (default) or DEFERRED
+
+
 def make_engine(url: str) -> Engine:
     """An engine; SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` write transactions."""
     is_sqlite = url.startswith("sqlite")
@@ -129,11 +132,15 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection):  # type: ignore[no-untyped-def]
-            # Take the write lock up front: no deadlock-prone read-then-upgrade.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no deadlock-prone read-then-upgrade);
+            # readers (READ_ONLY sessions) begin deferred, so under WAL they never wait for it.
+            mode = connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
 
 
-def make_session_factory(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker:
+    """Sessions for writes, or (`read_only`) for reads that never take SQLite's write lock."""
+    bind = engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}) if read_only else engine
+    return sessionmaker(bind, expire_on_commit=False)

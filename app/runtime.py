@@ -7,6 +7,7 @@ once and `/readyz` turns 200 when the model is resident.
 from __future__ import annotations
 
 import logging
+import gc
 import threading
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class Runtime:
         upgrade_database(settings.resolved_database_url)
         self.engine = make_engine(settings.resolved_database_url)
         self.db: sessionmaker = make_session_factory(self.engine)
+        self.db_read: sessionmaker = make_session_factory(self.engine, read_only=True)
         self.workspace: Workspace = load_workspace(settings.workspace)
         self.session: EvalSession | None = None
         self.executor: Executor | None = None
@@ -57,6 +59,11 @@ class Runtime:
                 self.workspace, self.artifacts_dir, device=self.settings.device,
                 dtype=self.settings.dtype, index_listener=self._mirror,
             )
+            # Everything loaded so far (torch, transformers, the model) lives for the whole
+            # process; freezing it keeps the cyclic GC's full collections, which stop every
+            # thread, the event loop included, from re-scanning it while jobs run.
+            gc.collect()
+            gc.freeze()
             executor = InProcessExecutor(JobRunner(session, self.db))
             executor.start()
             self.executor = executor

@@ -6,8 +6,8 @@ What it does, all on loopback:
 2. starts the real service in a subprocess (`python -m app.cli serve --port P`, uvicorn) with
    `LORA_MERGE_WORKSPACE`, `LORA_MERGE_ARTIFACTS_DIR`, `HF_HUB_OFFLINE=1` and
    `LORA_MERGE_MAX_QUEUED_JOBS=1000`, and waits for `/readyz`;
-3. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 20 x 20 per-layer `lambda`
-   grid, 400 trials by default) and waits until the worker is running it and has finished its
+3. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 30 x 30 per-layer `lambda`
+   grid, 900 trials by default) and waits until the worker is running it and has finished its
    first trial;
 4. for `--seconds` (default 20): `--pollers` (default 50) concurrent pollers of
    `GET /jobs/{sweep_id}` (each waits `--poll-interval` between its requests, 0.5 s by default,
@@ -480,8 +480,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds each poller waits between its requests (default 0.5)")
     parser.add_argument("--post-interval", type=float, default=0.1,
                         help="seconds between POST /merges (default 0.1)")
-    parser.add_argument("--grid-points", type=int, default=400,
-                        help="trials in the sweep that keeps the worker busy (default 400; the "
+    parser.add_argument("--grid-points", type=int, default=900,
+                        help="trials in the sweep that keeps the worker busy (default 900; the "
                              "report says whether it lasted the whole window)")
     parser.add_argument("--ready-timeout", type=float, default=180.0,
                         help="seconds to wait for the model to load and the sweep to start")

@@ -24,7 +24,7 @@ def test_every_method_and_parameter_is_documented() -> None:
 def test_readme_results_tables_are_the_benchmarks_output() -> None:
     """Every table under bench/results/ that the README shows is copied verbatim."""
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
-    for name in ("demo_results.md", "merge_bench_cpu.md"):
+    for name in ("demo_results.md", "merge_bench_cpu.md", "api_bench_cpu.md"):
         table = [line for line in (results / name).read_text().splitlines() if line.startswith("|")]
         assert table, name
         assert "\n".join(table) in README, f"README's copy of bench/results/{name} is stale"

@@ -23,6 +23,11 @@ def get_db(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_read_db(request: Request) -> Iterator[Session]:
+    with request.app.state.runtime.db_read() as session:
+        yield session
+
+
 def get_ready_runtime(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Runtime:
     if runtime.session is None:
         raise NotReady(runtime.load_error or "the base model is still loading; retry shortly")
@@ -45,4 +50,5 @@ def require_token(request: Request) -> None:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ReadyDep = Annotated[Runtime, Depends(get_ready_runtime)]
-DbDep = Annotated[Session, Depends(get_db)]
+DbDep = Annotated[Session, Depends(get_db)]  # writes: BEGIN IMMEDIATE
+ReadDbDep = Annotated[Session, Depends(get_read_db)]  # GETs: never wait for the write lock

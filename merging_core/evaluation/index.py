@@ -25,6 +25,14 @@ def read_index(path: Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text(encoding="utf-8")))
 
 
+def format_index(entries: list[dict[str, Any]]) -> str:
+    """A JSON list with one entry per line: readable and diffable, and written by json's C
+    encoder (an `indent` would select the pure-Python one, and every append rewrites the file,
+    so a long sweep would spend its time, and the GIL, re-encoding old entries)."""
+    lines = ",\n".join(json.dumps(entry, sort_keys=True, separators=(", ", ": ")) for entry in entries)
+    return "[\n" + lines + "\n]\n" if entries else "[]\n"
+
+
 def update_results_index(path: Path, entry: dict[str, Any]) -> bool:
     """Append `entry` (must have an `id`); return False if that id was already indexed."""
     path = Path(path)
@@ -34,5 +42,5 @@ def update_results_index(path: Path, entry: dict[str, Any]) -> bool:
         if any(existing.get("id") == entry["id"] for existing in entries):
             return False
         entries.append(entry)
-        atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, format_index(entries))
     return True

@@ -38,6 +38,9 @@ from merging_core.runtime.io import atomic_write_json
 from merging_core.runtime.paths import merged_dir
 
 log = logging.getLogger(__name__)
+# The in-progress summary is rewritten at most this often (every trial is on disk at once in
+# its own file; rewriting the ranked list after each one made long sweeps quadratic).
+SUMMARY_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,7 @@ class Sweep:
         resumed = 0
         total = self.total
         best: Trial | None = None
+        summary_written = float("-inf")
 
         def progressed(trial: Trial) -> None:
             nonlocal best
@@ -436,7 +440,9 @@ class Sweep:
             trial = self._evaluate(index, point, source, cancel)
             trials.append(trial)
             progressed(trial)
-            self._write_summary(trials, warm, skipped, complete=False)
+            if time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
+                self._write_summary(trials, warm, skipped, complete=False)
+                summary_written = time.monotonic()
         result = SweepResult(
             sweep_id=self.sweep_id, summary_path=self.summary_path, plot_path=None, trials=trials,
             warm_start={"used": len(warm), "skipped": skipped}, resumed_trials=resumed,

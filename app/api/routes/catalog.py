@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from app import crud
-from app.api.deps import DbDep, RuntimeDep
+from app.api.deps import ReadDbDep, RuntimeDep
 from app.api.errors import problem_responses
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
@@ -50,7 +50,7 @@ def tasks(runtime: RuntimeDep) -> list[TaskRead]:
             summary="Query the eval index (SQLite mirror of every eval/index.json)",
             responses=problem_responses(401, 403, 422))
 def evaluations(
-    db: DbDep,
+    db: ReadDbDep,
     method: str | None = None,
     task: str | None = None,
     split: str | None = None,

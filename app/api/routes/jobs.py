@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from app import crud
-from app.api.deps import DbDep, RuntimeDep
+from app.api.deps import DbDep, ReadDbDep, RuntimeDep
 from app.api.errors import problem_responses
 from app.api.schemas import JobPage, JobRead
 from app.crud import TERMINAL, JobKind, JobStatus
@@ -23,7 +23,7 @@ POLL_S = 0.5
 @router.get("", response_model=JobPage, operation_id="list_jobs", summary="List jobs, newest first",
             responses=problem_responses(401, 403, 422))
 def list_jobs(
-    db: DbDep,
+    db: ReadDbDep,
     kind: JobKind | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -36,7 +36,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobRead, operation_id="get_job",
             summary="Status, progress, timestamps, result and error of a job",
             responses=problem_responses(401, 403, 404))
-def get_job(job_id: str, db: DbDep) -> JobRead:
+def get_job(job_id: str, db: ReadDbDep) -> JobRead:
     return JobRead.of(crud.get_job(db, job_id=job_id))
 
 
@@ -56,7 +56,7 @@ def cancel_job(job_id: str, db: DbDep, runtime: RuntimeDep) -> JobRead:
                        **problem_responses(401, 403, 404)})
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> EventSourceResponse:
     def read() -> JobRead:
-        with runtime.db() as db:
+        with runtime.db_read() as db:
             return JobRead.of(crud.get_job(db, job_id=job_id))
 
     first = await asyncio.to_thread(read)  # 404 before the stream starts

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from app import crud
-from app.api.deps import DbDep
+from app.api.deps import ReadDbDep
 from app.api.errors import problem_responses
 from app.api.schemas import TrialPage, TrialRead
 from app.crud import JobKind
@@ -17,7 +17,7 @@ from app.errors import NotFound
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
-def _sweep_job(db: DbDep, job_id: str):  # type: ignore[no-untyped-def]
+def _sweep_job(db: ReadDbDep, job_id: str):  # type: ignore[no-untyped-def]
     job = crud.get_job(db, job_id=job_id)
     if job.kind != JobKind.SWEEP.value:
         raise NotFound(f"job {job_id} is a {job.kind} job, not a sweep")
@@ -27,7 +27,7 @@ def _sweep_job(db: DbDep, job_id: str):  # type: ignore[no-untyped-def]
 @router.get("/{job_id}/trials", response_model=TrialPage, operation_id="list_sweep_trials",
             summary="Trials of a sweep so far, in order, with the best",
             responses=problem_responses(401, 403, 404))
-def list_trials(job_id: str, db: DbDep) -> TrialPage:
+def list_trials(job_id: str, db: ReadDbDep) -> TrialPage:
     job = _sweep_job(db, job_id)
     trials = [
         TrialRead(index=t.trial_index, point=t.point, source=t.source, objective=t.objective,
@@ -42,7 +42,7 @@ def list_trials(job_id: str, db: DbDep) -> TrialPage:
             response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}, "description": "PNG"},
                        **problem_responses(401, 403, 404)})
-def get_plot(job_id: str, db: DbDep) -> FileResponse:
+def get_plot(job_id: str, db: ReadDbDep) -> FileResponse:
     job = _sweep_job(db, job_id)
     plot = (job.result or {}).get("plot")
     if not plot or not Path(plot).is_file():
