@@ -163,7 +163,8 @@ def adamerging_row(session: EvalSession) -> Row:
     """AdaMerging's learned per-layer lambdas (issue: optimizer `adamerging`)."""
     config = {"adapters": TASKS, "method": "weighted_delta", "method_params": {"lambda": [1.0, 1.0, 1.0]},
               "optimizer": {"name": "adamerging", "params": {"steps": 60}}}
-    merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root)
+    merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
+                       session=session)
     result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, run_dir=merged.run_dir)
     return Row("adamerging", "per-layer lambdas learned by entropy minimisation", result)
 
