@@ -1,4 +1,4 @@
-"""Per-trial overhead of our sweeps vs a script user's reload-per-trial PEFT baseline (CPU).
+"""Per-trial overhead of our sweeps vs a script user's reload-per-trial PEFT baseline.
 
 Both sides evaluate the same merges (weighted_delta of the adapters with a fixed list of
 lambdas) on the same stratified eval subset of every merged task, with the same batching, and
@@ -68,7 +68,8 @@ from merging_core.evaluation.sweep import Trial, run_sweep  # noqa: E402
 from merging_core.evaluation.workspace import load_workspace  # noqa: E402
 
 DEMO_WORKSPACE = ROOT / "workspaces" / "demo" / "workspace.yaml"
-RESULTS = ROOT / "bench" / "results" / "sweep_bench_cpu.md"
+RESULTS_DIR = ROOT / "bench" / "results"  # sweep_bench_<cpu|cuda>.md
+DEVICE = torch.device("cpu")  # --device; both sides use it
 WARMUP_LAMBDA = 0.5
 OVERHEAD_GOAL = 0.10  # our overhead / our trial time
 SPEEDUP_GOAL = 5.0  # our trials per hour / the baseline's
@@ -77,6 +78,12 @@ log = logging.getLogger("sweep_bench")
 
 
 # --------------------------------------------------------------------------------- timing
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA kernels, so wall clocks time the work itself."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class ForwardTimer:
@@ -92,10 +99,12 @@ class ForwardTimer:
         original = module.forward
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                synchronize()
                 self.seconds += time.perf_counter() - start
                 self.calls += 1
 
@@ -209,7 +218,7 @@ def run_ours(workspace_path: Path, tasks: Sequence[str], lambdas: Sequence[float
              subset: EvalSubsetConfig, artifacts: Path) -> tuple[SideResult, EvalSession]:
     timer = ForwardTimer()
     started = time.perf_counter()
-    session = EvalSession.from_workspace(load_workspace(workspace_path), artifacts, device="cpu")
+    session = EvalSession.from_workspace(load_workspace(workspace_path), artifacts, device=str(DEVICE))
     load_s = time.perf_counter() - started
     timer.wrap(session.holder.model)
     log.info("ours: model loaded in %.2f s; warm-up sweep", load_s)
@@ -257,7 +266,7 @@ def script_accuracy(model: nn.Module, tokenizer: Any, data: EvalSet) -> float:
         for start in range(0, len(order), data.batch_size):
             batch = order[start : start + data.batch_size]
             encoded = tokenizer([data.texts[i] for i in batch], padding=True, truncation=True,
-                                max_length=data.max_length, return_tensors="pt")
+                                max_length=data.max_length, return_tensors="pt").to(DEVICE)
             predicted = model(**encoded).logits.argmax(dim=-1).tolist()
             correct += sum(int(p == data.gold[i]) for p, i in zip(predicted, batch))
     return correct / len(order)
@@ -305,7 +314,7 @@ def baseline_trial(base_path: Path, adapters: dict[str, Path], weights: Sequence
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    base = AutoModelForSequenceClassification.from_pretrained(base_path)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path).to(DEVICE)
     base.eval()
     timer.wrap(base)
     model: Any = None
@@ -326,7 +335,7 @@ def baseline_trial(base_path: Path, adapters: dict[str, Path], weights: Sequence
     model.eval()
     accuracy = {}
     for task, data in sets.items():
-        install_head(base, heads[task])
+        install_head(base, {k: v.to(DEVICE) for k, v in heads[task].items()})
         accuracy[task] = script_accuracy(model, tokenizer, data)
     del model, base, heads, tokenizer
     gc.collect()
@@ -409,7 +418,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="stratified eval samples per task")
     parser.add_argument("--split", default="test")
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: a new temp dir)")
-    parser.add_argument("--write", action="store_true", help=f"write {display_path(RESULTS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both sides)")
+    parser.add_argument("--write", action="store_true",
+                        help="write bench/results/sweep_bench_<cpu|cuda>.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore")  # PEFT's ignore_mismatched_sizes notes, deprecations
@@ -418,6 +429,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    results = RESULTS_DIR / f"sweep_bench_{DEVICE.type}.md"
 
     lambdas = default_lambdas(args.trials)
     subset = EvalSubsetConfig(max_samples=args.samples, stratified=True, seed=0)
@@ -436,8 +450,9 @@ def main() -> None:
     speedup = ours.per_hour / base.per_hour
     speed_ok = speedup >= SPEEDUP_GOAL
     lines = [
-        "## Sweep trial overhead: EvalSession sweep vs reload-per-trial PEFT script (CPU)",
+        f"## Sweep trial overhead: EvalSession sweep vs reload-per-trial PEFT script ({DEVICE.type.upper()})",
         "",
+        *([f"GPU: {torch.cuda.get_device_name(DEVICE)}."] if DEVICE.type == "cuda" else []),
         f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores "
         f"(load average {load_before:.2f} at start; shared machine); {versions()}; generated "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `bench/sweep_bench.py`.",
@@ -473,9 +488,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(f"\nwritten to {display_path(RESULTS)}")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(text + "\n")
+        print(f"\nwritten to {display_path(results)}")
 
 
 if __name__ == "__main__":
