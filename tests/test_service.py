@@ -41,6 +41,9 @@ def test_merge_evaluation_and_sweep_end_to_end(settings: Settings) -> None:
         assert {name: j["status"] for name, j in jobs.items()} == dict.fromkeys(jobs, "succeeded")
         for job in jobs.values():
             assert job["timestamps"]["started_at"] and job["timestamps"]["finished_at"]
+            # UTC with its offset, as in the 202 answer (SQLite itself keeps none)
+            assert all(t.endswith("Z") for t in job["timestamps"].values()), job["timestamps"]
+        assert merge.json()["timestamps"]["created_at"] == jobs["merge"]["timestamps"]["created_at"]
 
         artifacts = settings.artifacts_dir
         merge_result = jobs["merge"]["result"]
