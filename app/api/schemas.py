@@ -38,7 +38,7 @@ class Progress(BaseModel):
     total: int = Field(examples=[8])
     message: str = Field(examples=["trial 2 objective -0.0150"])
     best: dict[str, Any] | None = Field(
-        default=None, description="current best of a sweep: trial, objective, point"
+        default=None, description="current best of a sweep: index (the trial), objective, point"
     )
 
 

@@ -396,7 +396,7 @@ class Sweep:
             if best is None or trial.objective > best.objective:
                 best = trial
             report(progress, len(trials), total, f"trial {trial.index} objective {trial.objective:.4f}",
-                   best={"trial": best.index, "objective": best.objective, "point": best.point})
+                   best={"index": best.index, "objective": best.objective, "point": best.point})
 
         grid = _grid_points(self.config, []) if self.search.type == "grid" else []
         warm_by_point = {json.dumps(t["point"], sort_keys=True): t for t in warm}
