@@ -85,26 +85,31 @@ class LayerLambdas:
 
 
 class FactoredDeltas:
-    """Per module, the adapters' (A, B, scaling), on the CPU or cached on the device."""
+    """Per module, every adapter's LoRA factors stacked along the rank: A [sum r_i, in],
+    B [out, sum r_i], and for each rank column the adapter it belongs to. One pair of matmuls
+    then applies all adapters, and the coefficients scale a [tokens, sum r_i] tensor instead
+    of one [tokens, out] term per adapter. On the CPU (`cpu_stream`) or cached on the device."""
 
     def __init__(self, adapters: Sequence[Any], modules: Sequence[str], device: torch.device,
                  residency: str) -> None:
         self.device = device
-        self.residency = residency
-        self.factors: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for module in modules:
-            triples = []
-            for adapter in adapters:
-                source = adapter.modules[module]
-                lora_A, lora_B = source.lora_A, source.lora_B
-                if residency == "gpu_cache":
-                    lora_A, lora_B = lora_A.to(device), lora_B.to(device)
-                triples.append((lora_A, lora_B, source.scaling))
-            self.factors[module] = triples
+            sources = [adapter.modules[module] for adapter in adapters]
+            lora_A = torch.cat([source.lora_A for source in sources], dim=0)
+            lora_B = torch.cat([source.lora_B for source in sources], dim=1)
+            owner = torch.cat([torch.full((source.lora_A.shape[0],), index, dtype=torch.long)
+                               for index, source in enumerate(sources)])
+            scaling = torch.tensor([float(source.scaling) for source in sources])
+            if residency == "gpu_cache":
+                lora_A, lora_B = lora_A.to(device), lora_B.to(device)
+            self.factors[module] = (lora_A, lora_B, owner.to(device), scaling.to(device))
 
-    def get(self, module: str, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        return [(a.to(self.device, dtype, non_blocking=True), b.to(self.device, dtype, non_blocking=True), s)
-                for a, b, s in self.factors[module]]
+    def get(self, module: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, owner, scaling): A and B moved to the device in `dtype` (a no-op when cached)."""
+        lora_A, lora_B, owner, scaling = self.factors[module]
+        return (lora_A.to(self.device, dtype, non_blocking=True),
+                lora_B.to(self.device, dtype, non_blocking=True), owner, scaling)
 
 
 @contextmanager
@@ -116,12 +121,9 @@ def streaming_hooks(model: nn.Module, lambdas: LayerLambdas, deltas: FactoredDel
     def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
-            coefficients = lambdas.of(name)
-            extra = None
-            for index, (lora_A, lora_B, scaling) in enumerate(deltas.get(name, x.dtype)):
-                term = (x @ lora_A.T) @ lora_B.T * (coefficients[index].to(x.dtype) * scaling)
-                extra = term if extra is None else extra + term
-            return output + extra if extra is not None else output
+            lora_A, lora_B, owner, scaling = deltas.get(name, x.dtype)
+            per_rank = (lambdas.of(name).to(scaling.device) * scaling)[owner].to(x.dtype)
+            return output + ((x @ lora_A.T) * per_rank) @ lora_B.T
 
         return hook
 
