@@ -484,6 +484,12 @@ def main() -> None:
         f"{100 * ours.overhead_share:.1f}% -> **{'PASS' if overhead_ok else 'FAIL'}**",
         f"- Goal: our trials/hour >= {SPEEDUP_GOAL:g}x the baseline's: {speedup:.2f}x -> "
         f"**{'PASS' if speed_ok else 'FAIL'}**",
+        f"- Ceiling on that ratio here, with zero overhead on our side: baseline trial / our "
+        f"forward passes = {base.wall / ours.forward:.2f}x. Forward passes are "
+        f"{100 * ours.forward / ours.wall:.0f}% of our trial, so no bookkeeping saving reaches "
+        f"{SPEEDUP_GOAL:g}x. It can only grow where a reload is dear next to the forward passes, "
+        f"e.g. on a GPU, where forward passes are fast and loading from disk is not "
+        f"(`--device cuda`).",
     ]
     text = "\n".join(lines)
     print(text)
