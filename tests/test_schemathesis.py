@@ -1,10 +1,9 @@
-"""Schemathesis against the real service (uvicorn on a loopback port, model resident before the
-first case): positive and negative phases, no 5xx and no response outside the documented schema
-(status codes, content types, bodies).
+"""Schemathesis in-process against the ASGI app: positive and negative phases, no 5xx and no
+response outside the documented schema (status codes, content types, bodies).
 
-Over HTTP rather than ASGI on purpose: schemathesis's ASGI transport runs the app's lifespan
-itself, which would start a second runtime whose model is still loading (503) during the first
-cases."""
+Schemathesis's ASGI transport runs the app's lifespan itself (once per test, ended at the test's
+teardown), so each test lets it start, then waits until the model is resident before the first
+generated case: a case sent while the model loads would get the documented 503."""
 
 from __future__ import annotations
 
@@ -23,21 +22,19 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.checks import not_a_server_error
 
+from app.main import create_app
 from app.settings import Settings
-from tests.service_helpers import thread_server
 
 
 @pytest.fixture(scope="module")
-def api_url(tiny_workspace: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    settings = Settings(workspace=tiny_workspace,
-                        artifacts_dir=tmp_path_factory.mktemp("fuzz") / "artifacts",
-                        max_queued_jobs=5)
-    with thread_server(settings) as (client, _app):  # returns once /readyz answers 200
-        yield str(client.base_url).rstrip("/")
+def api_app(tiny_workspace: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return create_app(Settings(workspace=tiny_workspace,
+                               artifacts_dir=tmp_path_factory.mktemp("fuzz") / "artifacts",
+                               max_queued_jobs=5))
 
 
-def _operations(base_url: str):  # type: ignore[no-untyped-def]
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+def _operations(app):  # type: ignore[no-untyped-def]
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     # The event stream of a running job never ends by design; it has its own test.
     return [op for op in operations if not op.path.endswith("/events")]
@@ -48,8 +45,12 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_api_conforms_to_its_schema(api_url, mode) -> None:  # type: ignore[no-untyped-def]
-    operations = _operations(api_url)
+def test_api_conforms_to_its_schema(api_app, mode) -> None:  # type: ignore[no-untyped-def]
+    operations = _operations(api_app)
+    healthz = next(op for op in operations if op.path == "/healthz")
+    assert healthz.Case().call().status_code == 200  # starts the lifespan: migrations, loading
+    runtime = api_app.state.runtime
+    assert runtime.wait_ready(120)
     assert len(operations) >= 14
     exercised = 0
     for operation in operations:
@@ -67,4 +68,5 @@ def test_api_conforms_to_its_schema(api_url, mode) -> None:  # type: ignore[no-u
             # Nothing can be invalid about an operation whose only inputs are free strings or
             # that has none (GET /jobs/{job_id}, GET /healthz): no negative case exists.
             assert mode is GenerationMode.NEGATIVE, operation.label
+    assert api_app.state.runtime is runtime, "a second lifespan ran during the cases"
     assert exercised == len(operations) if mode is GenerationMode.POSITIVE else exercised >= 4
