@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app import crud
 from app.crud import JobKind
 from app.db import Job
@@ -31,6 +33,13 @@ def check_paths(runtime: Runtime, config: MergeConfig) -> None:
     for adapter in config.adapters:
         if adapter in tasks:
             continue
+        if not any(sep in adapter for sep in ("/", "\\")) and not adapter.startswith(("~", ".")):
+            # A bare name is meant as a task; a directory in the server's working directory
+            # would be written "./name".
+            raise InvalidRequest(
+                f"adapters: {adapter!r} is not a task of workspace {runtime.workspace.name!r} "
+                f"(tasks: {', '.join(sorted(tasks))}); give an adapter directory as a path"
+            )
         resolved = Path(adapter).expanduser().resolve()
         if not _inside(resolved, roots):
             raise Forbidden(
@@ -67,22 +76,30 @@ def request_body(config: MergeConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_unset=True)
 
 
+def _replayed(db: Session, idempotency_key: str | None, digest: str) -> Job | None:
+    """The job an Idempotency-Key already names (422 if it was for a different request)."""
+    if not idempotency_key:
+        return None
+    existing = crud.find_job_by_idempotency_key(db, key=idempotency_key)
+    if existing is not None and existing.request_hash != digest:
+        raise InvalidRequest(f"Idempotency-Key {idempotency_key!r} was used for a different request")
+    return existing
+
+
 def submit(runtime: Runtime, kind: JobKind, config: MergeConfig, idempotency_key: str | None) -> tuple[Job, bool]:
     """Return (job, created). A repeated Idempotency-Key returns its job, or 422 if the body differs."""
     body = request_body(config)
     digest = hashlib.sha256(json.dumps([kind.value, body], sort_keys=True).encode()).hexdigest()
-    with runtime.db() as db:
-        if idempotency_key:
-            existing = crud.find_job_by_idempotency_key(db, key=idempotency_key)
-            if existing is not None:
-                if existing.request_hash != digest:
-                    raise InvalidRequest(
-                        f"Idempotency-Key {idempotency_key!r} was used for a different request"
-                    )
-                return existing, False
+    with runtime.db_read() as db:
+        existing = _replayed(db, idempotency_key, digest)
+    if existing is not None:
+        return existing, False
     check_paths(runtime, config)
     validate(runtime, kind, config)
-    with runtime.db() as db:
+    with runtime.db() as db:  # BEGIN IMMEDIATE: the check below and the insert are one step
+        existing = _replayed(db, idempotency_key, digest)  # a concurrent twin got there first
+        if existing is not None:
+            return existing, False
         if crud.count_queued(db) >= runtime.settings.max_queued_jobs:
             raise QueueFull(f"{runtime.settings.max_queued_jobs} jobs are already queued; retry later")
         job = crud.create_job(db, kind=kind, request=body, request_hash=digest,

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -119,6 +120,15 @@ def test_idempotency_key(settings: Settings) -> None:
         other = client.post("/merges", json={**MERGE, "method": "uniform"}, headers={"Idempotency-Key": "abc"})
         assert other.status_code == 422 and "different request" in other.json()["detail"]
         wait_job(client, first.json()["id"])
+
+        # Concurrent first uses of one key: one job, the others get it back (no 500).
+        body = {**MERGE, "method": "uniform"}
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: client.post("/merges", json=body,
+                                                          headers={"Idempotency-Key": "race"}), range(6)))
+        assert sorted(a.status_code for a in answers) == [200] * 5 + [202], [a.text for a in answers]
+        assert len({a.json()["id"] for a in answers}) == 1
+        wait_job(client, answers[0].json()["id"])
 
 
 def test_killed_server_resumes_its_sweep(tiny_workspace: Path, tmp_path: Path) -> None:

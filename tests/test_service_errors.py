@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,17 @@ def _problem(response, status: int, *fragments: str) -> dict:  # type: ignore[no
     return body
 
 
-def _no_new_runs(artifacts: Path, before: set[Path]) -> None:
-    assert set(artifacts.rglob("run_*")) == before
+def _state(client, artifacts: Path) -> tuple[set[Path], int]:  # type: ignore[no-untyped-def]
+    """Every file under the artifacts dir (but the database's own) and the number of jobs."""
+    files = {p for p in artifacts.rglob("*") if not p.name.startswith("merge_service.db")}
+    return files, len(client.get("/jobs", params={"limit": 200}).json()["jobs"])
+
+
+@contextmanager
+def nothing_written(client, artifacts: Path):  # type: ignore[no-untyped-def]
+    before = _state(client, artifacts)
+    yield
+    assert _state(client, artifacts) == before, "a refused request wrote files or a job"
 
 
 @pytest.mark.parametrize(
@@ -49,32 +59,37 @@ def _no_new_runs(artifacts: Path, before: set[Path]) -> None:
          ["'k'=150 is out of range; allowed [0, 100]"]),
         ({"adapters": "topic", "method": "ties"}, ["adapters"]),
         ({"adapters": ["topic", "mood"], "method": "ties", "eval_tasks": ["asr"]}, ["unknown task 'asr'"]),
+        ({"adapters": ["topic", "moood"], "method": "ties"}, ["'moood' is not a task", "topic"]),
         ({"adapters": ["topic", "mood"], "method": "ties", "surprise": 1}, ["surprise"]),
         ({"adapters": ["topic", "mood"], "method": "ties", "output_dir": "/tmp/x"}, ["output_dir"]),
     ],
 )
 def test_invalid_requests_are_422(served, body, fragments) -> None:  # type: ignore[no-untyped-def]
     client, _, artifacts = served
-    before = set(artifacts.rglob("run_*"))
-    _problem(client.post("/merges", json=body), 422, *fragments)
-    _no_new_runs(artifacts, before)
+    with nothing_written(client, artifacts):
+        _problem(client.post("/merges", json=body), 422, *fragments)
+        _problem(client.post("/sweeps", json={**body, "search": {"type": "grid", "grid": {"lambda": [0.5]}}}),
+                 422)
 
 
 def test_malformed_json(served) -> None:  # type: ignore[no-untyped-def]
-    client, _, _ = served
-    response = client.post("/merges", content=b'{"adapters": [', headers={"content-type": "application/json"})
-    _problem(response, 422, "not valid JSON")
+    client, _, artifacts = served
+    with nothing_written(client, artifacts):
+        response = client.post("/merges", content=b'{"adapters": [', headers={"content-type": "application/json"})
+        _problem(response, 422, "not valid JSON")
 
 
 def test_nonexistent_adapter_inside_the_roots(served, tiny_workspace) -> None:  # type: ignore[no-untyped-def]
-    client, _, _ = served
+    client, _, artifacts = served
     missing = str(tiny_workspace.parent / "adapters" / "nope")
-    _problem(client.post("/merges", json={"adapters": ["topic", missing], "method": "ties"}), 422,
-             "nor an existing adapter directory")
+    with nothing_written(client, artifacts):
+        _problem(client.post("/merges", json={"adapters": ["topic", missing], "method": "ties"}), 422,
+                 "nor an existing adapter directory")
 
 
 def test_paths_outside_the_roots_are_403_and_never_opened(served, tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    client, _, _ = served
+    client, _, artifacts = served
+    before = _state(client, artifacts)
     outside = tmp_path / "outside_adapter"
     outside.mkdir()
     (outside / "adapter_config.json").write_text("{not json")  # would be a 422 if it were opened
@@ -88,10 +103,12 @@ def test_paths_outside_the_roots_are_403_and_never_opened(served, tiny_workspace
     sweep = {"adapters": ["topic", "mood"], "method": "weighted_delta",
              "search": {"type": "grid", "grid": {"lambda": [0.5]}, "warm_start_sweeps": ["/etc"]}}
     _problem(client.post("/sweeps", json=sweep), 403, "warm_start_sweeps")
+    assert _state(client, artifacts) == before
 
 
 def test_oversized_body_is_413(served) -> None:  # type: ignore[no-untyped-def]
-    client, _, _ = served
+    client, _, artifacts = served
+    before = _state(client, artifacts)
     body = {"adapters": ["topic", "mood"], "method": "ties", "method_params": {"x": "y" * 10_000}}
     _problem(client.post("/merges", json=body), 413, "exceeds 4096 bytes")
 
@@ -100,6 +117,7 @@ def test_oversized_body_is_413(served) -> None:  # type: ignore[no-untyped-def]
             yield b" " * 1000
 
     _problem(client.post("/merges", content=chunks(), headers={"content-type": "application/json"}), 413)
+    assert _state(client, artifacts) == before
 
 
 def test_unknown_job_and_cancel_of_a_finished_job(served) -> None:  # type: ignore[no-untyped-def]
@@ -147,10 +165,12 @@ def test_auth(tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "a",
                         token=SecretStr("s3cret"))
     with thread_server(settings) as (client, _):
+        _problem(client.post("/merges", json=MERGE), 401, "missing Authorization")
+        _problem(client.post("/merges", json=MERGE, headers={"Authorization": "Bearer wrong"}), 403)
         _problem(client.get("/jobs"), 401, "missing Authorization")
         _problem(client.get("/jobs", headers={"Authorization": "Bearer wrong"}), 403, "invalid bearer token")
         ok = client.get("/jobs", headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
+        assert ok.status_code == 200 and ok.json()["jobs"] == []  # the refused POSTs queued nothing
         assert client.get("/healthz").status_code == 200  # liveness stays open
 
 
