@@ -50,13 +50,18 @@ def test_both_merge_impls_give_the_same_loss_and_gradients(session) -> None:
 
 
 def test_cpu_stream_and_gpu_cache_agree(session) -> None:
-    losses = []
-    for residency in ("cpu_stream", "gpu_cache"):  # gpu_cache falls back to the CPU here
+    losses, grads = [], []
+    for residency in ("cpu_stream", "gpu_cache"):  # gpu_cache stays on the CPU without CUDA
         trainer = _trainer(session, delta_residency=residency)
         batches = {task: trainer.batch(task) for task in trainer.tasks}
         with frozen(session.holder.model):
-            losses.append(float(trainer.loss(batches).detach()))
+            loss = trainer.loss(batches)
+            loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append(trainer.lambdas.values.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
 
 
 def test_run_learns_lambdas_writes_them_and_leaves_weights_identical(session) -> None:
@@ -96,11 +101,18 @@ def test_cancelled_run_leaves_weights_identical(session) -> None:
     assert not list(session.root.rglob("run_*"))
 
 
-def test_force_cpu_loads_on_the_cpu_in_float32(session) -> None:
-    trainer = _trainer(session, force_cpu=True)
-    assert trainer.holder.device.type == "cpu" and trainer.holder.dtype == torch.float32
+def test_force_cpu_loads_on_the_cpu_in_float32(tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A bfloat16 resident model: force_cpu trains on a fresh CPU float32 copy and leaves the
+    resident model as it was."""
+    from merging_core.evaluation.evaluate import EvalSession
+    from merging_core.evaluation.holder import ModelHolder
+    from merging_core.evaluation.workspace import load_workspace
     from merging_core.plugins import adamerging
 
+    session = EvalSession.from_workspace(load_workspace(tiny_workspace), tmp_path / "artifacts",
+                                         device="cpu", dtype="bfloat16")
+    assert session.holder.dtype == torch.bfloat16
+    resident = session.holder.weights_fingerprint()
     captured = {}
     original = adamerging.AdaMergingTrainer.__init__
 
@@ -108,18 +120,22 @@ def test_force_cpu_loads_on_the_cpu_in_float32(session) -> None:
         original(self, *args, **kwargs)
         captured["holder"] = self.holder
 
+    loads = ModelHolder.load_count
     adamerging.AdaMergingTrainer.__init__ = spy  # type: ignore[method-assign]
     try:
-        run_merge({"adapters": ["topic", "mood"], "method": "task_vector",
-                   "optimizer": {"name": "adamerging", "params": {"steps": 1, "force_cpu": True}}},
-                  task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
-                  session=session)
+        result = run_merge({"adapters": ["topic", "mood"], "method": "task_vector",
+                            "optimizer": {"name": "adamerging", "params": {"steps": 2, "force_cpu": True}}},
+                           task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
+                           session=session)
     finally:
         adamerging.AdaMergingTrainer.__init__ = original  # type: ignore[method-assign]
     holder = captured["holder"]
-    assert holder.device.type == "cpu"
+    assert holder is not session.holder and ModelHolder.load_count == loads + 1
+    assert holder.device.type == "cpu" and holder.dtype == torch.float32
     assert {p.dtype for p in holder.model.parameters()} == {torch.float32}
     assert {p.device.type for p in holder.model.parameters()} == {"cpu"}
+    assert (result.run_dir / "adamerging_lambdas.json").is_file()
+    assert session.holder.dtype == torch.bfloat16 and _same(resident, session.holder.weights_fingerprint())
 
 
 def test_refusals(session) -> None:
