@@ -19,7 +19,9 @@ time every model forward pass with a wrapper around the transformer's `forward`:
   `modules_to_save`, and its loader cannot put heads of different sizes on one base, so the
   baseline loads the adapters with `modules_to_save=None, task_type=None` (LoRA weights only,
   `ignore_mismatched_sizes=True`) and swaps the task head in by hand. The eval subset is
-  drawn once (generous to the baseline); it re-tokenises per trial, like ours. One warm-up
+  drawn once (generous to the baseline); it tokenises per trial, while ours reuses the padded
+  batches the resident model keeps (`ModelHolder.encode`, part of what staying resident saves;
+  a few tens of milliseconds per trial here). One warm-up
   baseline trial is excluded too.
 
 overhead = trial wall time - forward time (merge, apply/restore or reload, tokenisation,
