@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig
 from merging_core.errors import Cancelled, EvaluationError
 from merging_core.evaluation.cancel import CancelToken
-from merging_core.evaluation.evaluate import interference_delta, normalized_score
+from merging_core.evaluation.evaluate import EvalSession, interference_delta, normalized_score
 from merging_core.evaluation.evaluators import classification_metrics
 from merging_core.evaluation.index import read_index, update_results_index
+from merging_core.evaluation.workspace import load_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +101,20 @@ def test_reference_is_the_task_adapter_and_is_cached(session) -> None:
     assert cache.stat().st_mtime_ns == stamp  # reused, not recomputed
     own = session.evaluate_output(session.task_output("topic"), ["topic"], "test", None)["topic"]
     assert own.metrics == reference.metrics
+
+
+def test_reference_cache_follows_the_task_settings(session, tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cached reference is not reused once what it was measured on changes."""
+    session.reference("topic", "test", None)
+    cache = session.root / "topic" / "metrics" / "eval" / "test" / "reference" / "metrics.json"
+    key = json.loads(cache.read_text())["key"]
+    changed = yaml.safe_load(tiny_workspace.read_text())
+    changed["tasks"]["topic"]["max_length"] = 8
+    variant = tiny_workspace.with_name("workspace_max_length_8.yaml")
+    variant.write_text(yaml.safe_dump(changed))
+    other = EvalSession(load_workspace(variant), session.holder, session.root)
+    other.reference("topic", "test", None)
+    assert json.loads(cache.read_text())["key"] != key  # recomputed under the new settings
 
 
 def test_saved_adapter_and_in_memory_give_the_same_metrics(session) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import csv
 import json
 from dataclasses import dataclass
@@ -21,6 +23,17 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def checksum(self) -> str:
+        """sha256 over every input with its label or reference (what cached results depend on)."""
+        digest = hashlib.sha256()
+        targets = self.labels or self.references or [""] * len(self.texts)
+        for text, target in zip(self.texts, targets):
+            digest.update(text.encode())
+            digest.update(b"\x1f")
+            digest.update(target.encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()
 
     def select(self, indices: list[int]) -> TaskData:
         return TaskData(

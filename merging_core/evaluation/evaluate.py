@@ -149,6 +149,7 @@ class EvalSession:
         self.adapter_cache: dict[str, LoraAdapter] = {}
         self._data: dict[tuple[str, str], TaskData] = {}
         self._labels: dict[str, list[str]] = {}
+        self._cache_keys: dict[tuple[str, str, str, str | None], str] = {}
 
     @classmethod
     def from_workspace(
@@ -314,8 +315,7 @@ class EvalSession:
         cancel: CancelToken | None = None,
     ) -> EvalMetrics:
         """Task t's own adapter on (split, subset): computed once, cached on disk."""
-        adapter = self.adapter(task)
-        key = adapter.checksums.get("adapter_model.safetensors", "") + ":" + str(self.holder.dtype)
+        key = self._cache_key("reference", task, split, subset)
         return self._cached_metrics("reference", task, split, subset, key, self.task_output(task), cancel)
 
     def base_metrics(
@@ -323,9 +323,21 @@ class EvalSession:
         cancel: CancelToken | None = None,
     ) -> EvalMetrics:
         """The base model with task t's head: no LoRA delta at all."""
-        adapter = self.adapter(task)
-        key = "base:" + adapter.checksums.get("adapter_model.safetensors", "") + ":" + str(self.holder.dtype)
+        key = self._cache_key("base", task, split, subset)
         return self._cached_metrics("base", task, split, subset, key, None, cancel)
+
+    def _cache_key(self, kind: str, task: str, split: str, subset: EvalSubsetConfig | None) -> str:
+        """What a cached reference or base metric depends on: the task's adapter file (its head
+        too), the base model and dtype, the task's settings, and the evaluated rows."""
+        memo = (kind, task, split, subset_namespace(subset))
+        if memo not in self._cache_keys:
+            adapter = self.adapter(task)
+            data, _ = self.task_data(task, split, subset)
+            self._cache_keys[memo] = hashlib.sha256(json.dumps([
+                kind, adapter.checksums.get("adapter_model.safetensors", ""), str(self.holder.model_path),
+                str(self.holder.dtype), self.workspace.task(task).model_dump(mode="json"), data.checksum(),
+            ], sort_keys=True).encode()).hexdigest()
+        return self._cache_keys[memo]
 
     def evaluate_merge(
         self,

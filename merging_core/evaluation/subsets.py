@@ -53,16 +53,6 @@ def subset_spec(config: EvalSubsetConfig | None, task: str) -> SubsetSpec | None
     )
 
 
-def _data_checksum(data: TaskData) -> str:
-    digest = hashlib.sha256()
-    for text, label in zip(data.texts, data.labels or [""] * len(data)):
-        digest.update(text.encode())
-        digest.update(b"\x1f")
-        digest.update(label.encode())
-        digest.update(b"\x1e")
-    return digest.hexdigest()
-
-
 def select_indices(data: TaskData, spec: SubsetSpec, key: str) -> list[int]:
     """Pick the subset; `key` (task/split) decorrelates tasks that share a seed."""
     rng = random.Random(f"{spec.seed}:{key}")  # str seeds hash with sha512: stable everywhere
@@ -97,7 +87,7 @@ def subset_indices(
 ) -> list[int]:
     """Cached `select_indices`: `<cache_dir>/<task>/<split>/<tag>.json`."""
     path = Path(cache_dir) / task / split / f"{spec.tag}.json"
-    checksum = _data_checksum(data)
+    checksum = data.checksum()
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("data_checksum") == checksum:
