@@ -181,3 +181,16 @@ def test_models_and_migrations_do_not_drift(tmp_path) -> None:
     subprocess.run([*alembic, "upgrade", "head"], check=True, env=env, cwd=PROJECT_ROOT)
     check = subprocess.run([*alembic, "check"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_documented_error_is_problem_json(tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app.main import create_app
+
+    spec = create_app(Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "a")).openapi()
+    documented = {(method, path, code): set(response.get("content", {}))
+                  for path, operations in spec["paths"].items() for method, operation in operations.items()
+                  for code, response in operation["responses"].items() if code[0] in "45"}
+    assert documented
+    odd = {key: types for key, types in documented.items()
+           if types != {"application/problem+json"} and key != ("get", "/readyz", "503")}  # health JSON
+    assert not odd, odd

@@ -54,7 +54,6 @@ def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {
         code: {
             "description": _DESCRIPTIONS[code],
-            "model": Problem,
             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
         for code in codes

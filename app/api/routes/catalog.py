@@ -98,7 +98,7 @@ def get_run(run_id: str, runtime: RuntimeDep) -> RunRead:
 @router.get("/runs/{run_id}/adapter.zip", operation_id="download_run_adapter",
             summary="The run's saved PEFT adapter (config, weights, heads) as a zip",
             responses={200: {"content": {"application/zip": {}}, "description": "zip"},
-                       **problem_responses(401, 403, 404, 409)})
+                       **problem_responses(401, 403, 404, 409, 422)})
 def download_adapter(run_id: str, runtime: RuntimeDep) -> Response:
     run_dir = _run_dir(runtime, run_id)
     files = [run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors",

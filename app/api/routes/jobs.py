@@ -35,14 +35,14 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobRead, operation_id="get_job",
             summary="Status, progress, timestamps, result and error of a job",
-            responses=problem_responses(401, 403, 404))
+            responses=problem_responses(401, 403, 404, 422))
 def get_job(job_id: str, db: ReadDbDep) -> JobRead:
     return JobRead.of(crud.get_job(db, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead, operation_id="cancel_job",
              summary="Cancel: a queued job at once, a running one at its next batch or trial",
-             responses=problem_responses(401, 403, 404, 409))
+             responses=problem_responses(401, 403, 404, 409, 422))
 def cancel_job(job_id: str, db: DbDep, runtime: RuntimeDep) -> JobRead:
     job = crud.request_cancel(db, job_id=job_id)
     if job.status == JobStatus.RUNNING.value and runtime.executor is not None:
@@ -53,7 +53,7 @@ def cancel_job(job_id: str, db: DbDep, runtime: RuntimeDep) -> JobRead:
 @router.get("/{job_id}/events", operation_id="job_events",
             summary="Server-sent events: `progress` and `status` until the job ends",
             responses={200: {"content": {"text/event-stream": {}}, "description": "event stream"},
-                       **problem_responses(401, 403, 404)})
+                       **problem_responses(401, 403, 404, 422)})
 async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> EventSourceResponse:
     def read() -> JobRead:
         with runtime.db_read() as db:

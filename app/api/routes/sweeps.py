@@ -26,7 +26,7 @@ def _sweep_job(db: ReadDbDep, job_id: str):  # type: ignore[no-untyped-def]
 
 @router.get("/{job_id}/trials", response_model=TrialPage, operation_id="list_sweep_trials",
             summary="Trials of a sweep so far, in order, with the best",
-            responses=problem_responses(401, 403, 404))
+            responses=problem_responses(401, 403, 404, 422))
 def list_trials(job_id: str, db: ReadDbDep) -> TrialPage:
     job = _sweep_job(db, job_id)
     trials = [
@@ -41,7 +41,7 @@ def list_trials(job_id: str, db: ReadDbDep) -> TrialPage:
 @router.get("/{job_id}/plot.png", operation_id="get_sweep_plot", summary="The sweep's plot",
             response_class=FileResponse,
             responses={200: {"content": {"image/png": {}}, "description": "PNG"},
-                       **problem_responses(401, 403, 404)})
+                       **problem_responses(401, 403, 404, 422)})
 def get_plot(job_id: str, db: ReadDbDep) -> FileResponse:
     job = _sweep_job(db, job_id)
     plot = (job.result or {}).get("plot")
