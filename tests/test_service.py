@@ -97,18 +97,26 @@ def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Set
             time.sleep(0.05)
         cancelled = client.post(f"/jobs/{job_id}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
+        done_at_cancel = cancelled.json()["progress"]["done"]
         final = wait_job(client, job_id)
         assert final["status"] == "cancelled"
+        assert final["progress"]["done"] <= done_at_cancel + 1  # stopped at the next trial
         after = holder.weights_fingerprint()
         assert all(torch.equal(before[k], after[k]) for k in before)
         with client.stream("GET", f"/jobs/{job_id}/events") as events:
             body = "".join(events.iter_text())
         assert "event: status" in body and "cancelled" in body and "event: end" in body
         assert client.post(f"/jobs/{job_id}/cancel").status_code == 409
-        queued_merge = client.post("/merges", json=MERGE).json()["id"]
-        queued_merge_2 = client.post("/merges", json=MERGE).json()["id"]
-        assert client.post(f"/jobs/{queued_merge_2}/cancel").json()["status"] in ("cancelled", "running")
-        wait_job(client, queued_merge)
+        # A queued job (behind a running sweep) is cancelled at once and never runs.
+        blocker = client.post("/sweeps", json={**slow, "search": {
+            "type": "grid", "grid": {"lambda": [i / 40 for i in range(40)]}}}).json()["id"]
+        wait_job(client, blocker, until={"running"})
+        queued = client.post("/merges", json=MERGE).json()["id"]
+        answer = client.post(f"/jobs/{queued}/cancel").json()
+        assert answer["status"] == "cancelled" and answer["timestamps"]["started_at"] is None
+        client.post(f"/jobs/{blocker}/cancel")
+        assert wait_job(client, blocker)["status"] == "cancelled"
+        assert client.get(f"/jobs/{queued}").json()["timestamps"]["started_at"] is None
 
 
 def test_idempotency_key(settings: Settings) -> None:
