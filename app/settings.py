@@ -10,18 +10,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_WORKSPACE = PROJECT_ROOT / "workspaces" / "demo" / "workspace.yaml"
-TINY_WORKSPACE = PROJECT_ROOT / "workspaces" / "tiny" / "workspace.yaml"
-
-
-def default_workspace() -> Path:
-    """The demo workspace when it is there, else the tiny built-in one."""
-    return DEMO_WORKSPACE if DEMO_WORKSPACE.is_file() else TINY_WORKSPACE
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORA_MERGE_", env_file=".env", extra="ignore")
 
-    workspace: Path = Field(default_factory=default_workspace, description="workspace YAML")
+    workspace: Path = Field(default=DEMO_WORKSPACE, description="workspace YAML (default: the built-in demo)")
     artifacts_dir: Path = Field(default=Path("artifacts"), description="artifacts root")
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL (default sqlite:///<artifacts>/merge_service.db)"
