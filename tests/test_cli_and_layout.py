@@ -67,6 +67,16 @@ def test_run_bundle_contents_and_same_second_runs(adapters, tmp_path) -> None:
     assert leftovers == []
 
 
+def test_runs_in_the_same_second_get_suffixes(tmp_path) -> None:
+    from datetime import datetime, timezone
+
+    from merging_core.runtime.paths import claim_run_dir
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    names = [claim_run_dir(tmp_path, now).name for _ in range(3)]
+    assert names == ["run_20260102_030405", "run_20260102_030405_1", "run_20260102_030405_2"]
+
+
 def test_cli_evaluate_and_sweep_on_a_workspace(tiny_workspace, tmp_path, capsys) -> None:
     out = tmp_path / "artifacts"
     common = ["--workspace", str(tiny_workspace), "--output-dir", str(out)]

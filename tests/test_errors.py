@@ -168,3 +168,25 @@ def test_unknown_transform_and_optimizer(two, tmp_path) -> None:
            UnknownMethodError, r"unknown transform 'sharpen'; available: breadcrumbs")
     _fails(tmp_path, {"adapters": two, "method": "uniform", "optimizer": "bayes"},
            UnknownMethodError, r"unknown optimizer 'bayes'.*search.type: bayes")
+
+
+def test_a_failure_while_saving_leaves_no_run_directory(two, tmp_path) -> None:
+    """Late failure: the temp bundle and the claimed run directory already exist when saving
+    is interrupted (here from the progress callback, as a cancel or a full disk would)."""
+    from merging_core.errors import Cancelled
+
+    artifacts = tmp_path / "artifacts"
+    seen: list[str] = []
+
+    def progress(done: int, total: int, message: str) -> None:
+        seen.append(message)
+        if message.startswith("saved") and done >= 2:
+            assert list(artifacts.rglob(".tmp_run_*")) and list(artifacts.rglob("run_*"))
+            raise Cancelled("interrupted while saving")
+
+    with pytest.raises(Cancelled):
+        run_merge({"adapters": two, "method": "ties"}, artifacts_dir=artifacts, save=True,
+                  progress=progress)
+    assert any(m.startswith("saved") for m in seen)
+    runs = list(artifacts.rglob("run_*")) + list(artifacts.rglob(".tmp_run_*"))
+    assert runs == [], f"partial run directories left behind: {runs}"

@@ -52,6 +52,20 @@ def test_per_layer_linear_save_is_exact(adapters, tmp_path) -> None:
         assert _relative(delta, result.output.delta(module)) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["weighted", "tsv", "knots"])
+def test_factor_space_saves_are_exact_at_their_own_rank(method, equal_rank_adapters, tmp_path) -> None:
+    """`weighted` keeps its rank (4); `tsv` and `knots` save at the sum of ranks (8); exactly."""
+    params = {"lambda": [0.7, 0.3]} if method == "weighted" else {}
+    result = run_merge(
+        {"adapters": [str(p) for p in equal_rank_adapters.values()], "method": method, "method_params": params},
+        artifacts_dir=tmp_path, save=True,
+    )
+    saved = result.metadata["saved"]
+    assert saved["exact"] and saved["rank"] == (4 if method == "weighted" else 8)
+    for module, delta in _saved_deltas(result.run_dir).items():
+        assert _relative(delta, result.output.delta(module)) < 1e-5
+
+
 def test_nonlinear_save_records_its_svd_error(adapters, tmp_path) -> None:
     result = run_merge(
         {"adapters": [str(p) for p in adapters.values()], "method": "ties", "save_rank": 4},
