@@ -14,7 +14,7 @@ import yaml
 
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig
-from merging_core.errors import Cancelled, EvaluationError
+from merging_core.errors import Cancelled, ConfigError, EvaluationError
 from merging_core.evaluation.cancel import CancelToken
 from merging_core.evaluation.evaluate import EvalSession, interference_delta, normalized_score
 from merging_core.evaluation.evaluators import classification_metrics
@@ -237,3 +237,35 @@ def test_index_is_append_only_and_concurrent_appends_lose_nothing(tmp_path) -> N
     assert len(ids) == 51 and len(set(ids)) == 51
     assert not update_results_index(index, {"id": "first", "value": 99})  # idempotent by id
     assert read_index(index)[0]["value"] == -1
+
+
+def test_csv_and_parquet_load_like_jsonl(tmp_path) -> None:
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from merging_core.evaluation.data import load_task_data
+
+    rows = [{"sentence": f"text {i}, with a comma", "intent": ["a", "b"][i % 2]} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with (tmp_path / "d.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sentence", "intent"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    loaded = [load_task_data(tmp_path / f"d.{ext}", text_column="sentence", label_column="intent")
+              for ext in ("jsonl", "csv", "parquet")]
+    for data in loaded:
+        assert data.texts == [r["sentence"] for r in rows] and data.labels == [r["intent"] for r in rows]
+    with pytest.raises(ConfigError, match="label"):
+        load_task_data(tmp_path / "d.csv", text_column="sentence", label_column="label")
+
+
+def test_eval_subset_per_task_overrides(session) -> None:
+    subset = EvalSubsetConfig(max_samples=10, seed=3, per_task={"topic": {"max_samples": 4, "seed": 5}})
+    topic, _ = session.task_data("topic", "test", subset)
+    mood, _ = session.task_data("mood", "test", subset)
+    assert len(topic) == 4 and len(mood) == 10
+    plain, _ = session.task_data("topic", "test", EvalSubsetConfig(max_samples=4, seed=5))
+    assert topic.texts == plain.texts  # the override is exactly that task's own subset
