@@ -193,6 +193,12 @@ def mirror_index_entry(session: Session, *, index_path: Path, entry: dict[str, A
     """Insert one `eval/index.json` entry (a no-op if its id is already mirrored)."""
     if session.get(EvalEntry, entry["id"]) is not None:
         return False
+    _add_entry(session, index_path, entry)
+    session.commit()
+    return True
+
+
+def _add_entry(session: Session, index_path: Path, entry: dict[str, Any]) -> None:
     session.add(EvalEntry(
         id=entry["id"], index_path=str(index_path), method=entry["method"],
         merge_tag=entry["merge_tag"], adapters=entry["adapters"], params=entry.get("params", {}),
@@ -203,20 +209,21 @@ def mirror_index_entry(session: Session, *, index_path: Path, entry: dict[str, A
     for task, metric in entry.get("metrics", {}).items():
         session.add(EvalTaskResult(entry_id=entry["id"], task=task, metric=metric,
                                    interference_delta=entry["interference_delta"][task]))
-    session.commit()
-    return True
 
 
 def reindex(session: Session, *, artifacts_dir: Path) -> int:
-    """Rebuild the mirror from every `eval/index.json` on disk (the source of truth)."""
+    """Rebuild the mirror from every `eval/index.json` on disk (the source of truth), in one
+    transaction: a concurrent reader sees the old mirror or the new one, never an empty one."""
     session.execute(delete(EvalTaskResult))
     session.execute(delete(EvalEntry))
-    session.commit()
-    count = 0
+    seen: set[str] = set()
     for index_path in sorted(Path(artifacts_dir).glob("merged/*/*/eval/index.json")):
         for entry in read_index(index_path):
-            count += mirror_index_entry(session, index_path=index_path, entry=entry)
-    return count
+            if entry["id"] not in seen:
+                seen.add(entry["id"])
+                _add_entry(session, index_path, entry)
+    session.commit()
+    return len(seen)
 
 
 EVAL_SORTS = ("created_at", "objective", "metric", "interference")
