@@ -182,25 +182,29 @@ def _summary_files(source: str) -> list[Path]:
 
 
 def load_warm_start(
-    search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_id: str
+    search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_summary: Path
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Points from earlier sweeps that match this one; the rest are reported with a reason."""
+    """Points from earlier sweeps that match this one; the rest are reported with a reason.
+    A summary file named by several sources is read once; this sweep's own summary is skipped
+    (its trials are resumed instead)."""
     used: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     names = sorted(d.name for d in dimensions) if dimensions else sorted(search.grid)
     cap = search.warm_start_max_points
+    read: set[Path] = {Path(own_summary).resolve()}
     for source in search.warm_start_sweeps:
         files = _summary_files(source)
         if not files:
             skipped.append({"source": source, "reason": "no sweep_*.json found"})
         for path in files:
+            if path.resolve() in read:
+                continue
+            read.add(path.resolve())
             try:
                 summary = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 skipped.append({"source": str(path), "reason": f"unreadable: {exc}"})
                 continue
-            if summary.get("sweep_id") == own_id:
-                continue  # our own trials are resumed, not warm-started
             theirs = summary.get("context", {})
             mismatched = [key for key in context if theirs.get(key) != context[key]]
             if mismatched:
@@ -211,6 +215,10 @@ def load_warm_start(
                 if sorted(point) != names:
                     skipped.append({"source": f"{path}#trial{trial.get('index')}",
                                     "reason": f"searched {sorted(point)}, not {names}"})
+                elif not all(_is_number(point[d.name]) for d in dimensions):
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": "a value is not a single number (e.g. per-adapter lists), "
+                                              "so it is no point of this search space"})
                 elif not all(d.contains(point[d.name]) for d in dimensions):
                     skipped.append({"source": f"{path}#trial{trial.get('index')}",
                                     "reason": "outside the search space"})
@@ -220,6 +228,10 @@ def load_warm_start(
                 else:
                     used.append(trial)
     return used, skipped
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _suggest(
@@ -382,7 +394,7 @@ class Sweep:
         """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too)."""
         warm, skipped = ([], [])
         if self.search.warm_start_sweeps:
-            warm, skipped = load_warm_start(self.search, self.context, self.dimensions, self.sweep_id)
+            warm, skipped = load_warm_start(self.search, self.context, self.dimensions, self.summary_path)
         trials: list[Trial] = []
         resumed = 0
         total = self.total
@@ -445,11 +457,17 @@ class Sweep:
                 summary_written = time.monotonic()
         result = SweepResult(
             sweep_id=self.sweep_id, summary_path=self.summary_path, plot_path=None, trials=trials,
-            warm_start={"used": len(warm), "skipped": skipped}, resumed_trials=resumed,
+            warm_start={"used": self._warm_used(trials, warm), "skipped": skipped}, resumed_trials=resumed,
         )
         self._write_summary(trials, warm, skipped, complete=True)
         result.plot_path = self._plot(trials)
         return result
+
+    def _warm_used(self, trials: list[Trial], warm: list[dict[str, Any]]) -> int:
+        """Warm-start points that counted: a grid reuses those on its grid; bayes observes all."""
+        if self.search.type == "grid":
+            return sum(trial.source == "warm_start" for trial in trials)
+        return len(warm)
 
     def _write_summary(self, trials: list[Trial], warm: list[dict[str, Any]],
                        skipped: list[dict[str, str]], *, complete: bool) -> None:
@@ -464,7 +482,7 @@ class Sweep:
             "num_trials": len(trials),
             "best": ranked[0].to_dict() if ranked else None,
             "trials": [t.to_dict() for t in ranked],
-            "warm_start": {"used": len(warm), "skipped": skipped},
+            "warm_start": {"used": self._warm_used(trials, warm), "skipped": skipped},
             "plot": self.plot_path.name,
         })
 
