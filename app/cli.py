@@ -75,6 +75,13 @@ def _remote(args: argparse.Namespace) -> int:
         body = config.model_dump(mode="json", exclude_unset=True)
     if args.command == "evaluate" and args.tasks:
         body["eval_tasks"] = args.tasks
+    # The local flags that are not config keys, as the local commands apply them.
+    if getattr(args, "save", False):
+        body["save_merged"] = True
+    if getattr(args, "split", None):
+        body["split"] = args.split
+    if getattr(args, "max_samples", None):
+        body["eval_subset"] = {"max_samples": args.max_samples, "stratified": True}
     token = os.environ.get("LORA_MERGE_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     bar = core_cli._ProgressBar(args.command)

@@ -385,10 +385,6 @@ def test_cli_server_mode_submits_and_prints_the_result(
         assert len(jobs) == 3  # the refused request queued nothing
 
 
-REMOTE_FLAG_BUG = "app/cli.py _remote builds the body from _merge_config only: --save, --split " \
-    "and --max-samples are silently dropped in --server mode"
-
-
 def _check_saved(result: dict[str, Any], job: dict[str, Any]) -> None:
     assert result["saved"] is True
     assert (Path(result["run_dir"]) / "adapter_model.safetensors").is_file()
@@ -403,7 +399,6 @@ def _check_subset(result: dict[str, Any], job: dict[str, Any]) -> None:
     assert result["subset"] and result["subset"].startswith("subset_n8_")
 
 
-@pytest.mark.xfail(strict=True, reason=REMOTE_FLAG_BUG)
 @pytest.mark.parametrize(("argv", "check"), [
     (["merge", "--save"], _check_saved),
     (["evaluate", "--split", "train"], _check_train_split),

@@ -16,7 +16,8 @@ def _health(runtime: RuntimeDep) -> Health:
     return Health(
         status="ok" if runtime.load_error is None else "error",
         ready=session is not None,
-        device=str(session.holder.device) if session else runtime.settings.device,
+        device=str(session.holder.device) if session  # resolved; before: as configured
+        else runtime.settings.device or runtime.workspace.spec.base_model.device,
         model=str(runtime.workspace.base_model_path().name) if session else None,
         workspace=runtime.workspace.name,
         error=runtime.load_error,
