@@ -153,7 +153,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _on_begin(connection):  # type: ignore[no-untyped-def]
             # Writers take the write lock up front (no deadlock-prone read-then-upgrade);
-            # readers (READ_ONLY sessions) begin deferred, so under WAL they never wait for it.
+            # readers (sessions from make_session_factory(read_only=True)) begin deferred, so under WAL they never wait for it.
             mode = connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
             connection.exec_driver_sql(f"BEGIN {mode}")
 

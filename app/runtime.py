@@ -6,8 +6,8 @@ once and `/readyz` turns 200 when the model is resident.
 
 from __future__ import annotations
 
-import logging
 import gc
+import logging
 import threading
 from pathlib import Path
 

@@ -7,7 +7,6 @@ is rebuilt if the data changed. Results on a subset are namespaced by its tag.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import defaultdict
