@@ -40,7 +40,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_db(args: argparse.Namespace) -> int:
     from app import crud
     from app.db import make_engine, make_session_factory
-    from app.runtime import upgrade_database
+    from app.db import upgrade_database
     from app.settings import Settings
 
     settings = Settings()

@@ -5,39 +5,26 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Sequence
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.db import EvalEntry, EvalTaskResult, Job, SweepTrial, utcnow
+from app.db import (
+    ALLOWED_TRANSITIONS,
+    TERMINAL,
+    EvalEntry,
+    EvalTaskResult,
+    Job,
+    JobKind,
+    JobStatus,
+    SweepTrial,
+    utcnow,
+)
 from app.errors import Conflict, InvalidRequest, NotFound
 from merging_core.evaluation.index import read_index
-
-
-class JobKind(str, Enum):
-    MERGE = "merge"
-    EVALUATE = "evaluate"
-    SWEEP = "sweep"
-
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
-_ALLOWED = {
-    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELLED},
-    JobStatus.RUNNING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED},
-}
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -110,7 +97,7 @@ def transition(session: Session, *, job_id: str, status: JobStatus, **fields: An
     """The one place where a job's status changes (checked against the allowed transitions)."""
     job = get_job(session, job_id=job_id)
     current = JobStatus(job.status)
-    if status not in _ALLOWED.get(current, set()):
+    if status not in ALLOWED_TRANSITIONS.get(current, set()):
         raise Conflict(f"job {job_id} is {current.value}; it cannot become {status.value}")
     job.status = status.value
     now = utcnow()
@@ -256,7 +243,3 @@ def query_evaluations(
     total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
     ordered = query.order_by(column.desc() if descending else column.asc(), EvalEntry.id)
     return list(session.scalars(ordered.offset(offset).limit(limit))), total
-
-
-def entries_for_ids(session: Session, *, ids: Sequence[str]) -> list[EvalEntry]:
-    return list(session.scalars(select(EvalEntry).where(EvalEntry.id.in_(list(ids)))))

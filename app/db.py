@@ -8,8 +8,11 @@ rebuilds the mirror from them).
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -25,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from app.settings import PROJECT_ROOT
 
 
 def utcnow() -> datetime:
@@ -48,6 +53,27 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
         return value
+
+
+class JobKind(str, Enum):
+    MERGE = "merge"
+    EVALUATE = "evaluate"
+    SWEEP = "sweep"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+ALLOWED_TRANSITIONS = {
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED},
+}
 
 
 class Base(DeclarativeBase):
@@ -164,3 +190,11 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     """Sessions for writes, or (`read_only`) for reads that never take SQLite's write lock."""
     bind = engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}) if read_only else engine
     return sessionmaker(bind, expire_on_commit=False)
+
+
+def upgrade_database(url: str) -> None:
+    """`alembic upgrade head` on the given database."""
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.attributes["url"] = url
+    command.upgrade(config, "head")

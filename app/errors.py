@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from merging_core.errors import MergeError
+
 
 class ServiceError(Exception):
     """Root of the service's own errors; each maps to one HTTP status in app.api.errors."""
@@ -40,3 +44,12 @@ class InvalidRequest(ServiceError):
 
 class NotReady(ServiceError):
     status, title = 503, "Model not loaded yet"
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """The structured `error` of a failed job."""
+    if isinstance(exc, ServiceError):
+        return {"type": type(exc).__name__, "status": exc.status, "detail": str(exc)}
+    if isinstance(exc, MergeError):
+        return {"type": type(exc).__name__, "status": 422, "detail": str(exc)}
+    return {"type": type(exc).__name__, "status": 500, "detail": str(exc) or type(exc).__name__}

@@ -1,4 +1,4 @@
-"""The FastAPI app: `create_app()` wires settings, runtime, routers, errors and offline docs."""
+"""The FastAPI app: `create_app()` wires settings, service, routers, errors and offline docs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.deps import require_token
 from app.api.errors import Problem, install_error_handlers, problem
 from app.api.routes import catalog, health, jobs, submissions, sweeps
-from app.runtime import Runtime
+from app.service import Service
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings)
-        app.state.runtime = runtime
-        runtime.start()
+        service = Service(settings)
+        app.state.service = service
+        service.start()
         try:
             yield
         finally:
-            runtime.stop()
+            service.stop()
 
     app = FastAPIOffline(
         title="LoRA Merge Service",

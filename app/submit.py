@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import crud
-from app.crud import JobKind
+from app.db import JobKind
 from app.db import Job
 from app.errors import Forbidden, InvalidRequest, QueueFull
-from app.runtime import Runtime
+from app.service import Service
 from merging_core.config import MergeConfig
 from merging_core.engine.runner import prepare_merge
 from merging_core.evaluation.sweep import Sweep
@@ -27,9 +27,9 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def check_paths(runtime: Runtime, config: MergeConfig) -> None:
-    roots = runtime.settings.adapter_roots()
-    tasks = runtime.workspace.tasks
+def check_paths(service: Service, config: MergeConfig) -> None:
+    roots = service.settings.adapter_roots()
+    tasks = service.workspace.tasks
     for adapter in config.adapters:
         if adapter in tasks:
             continue
@@ -37,7 +37,7 @@ def check_paths(runtime: Runtime, config: MergeConfig) -> None:
             # A bare name is meant as a task; a directory in the server's working directory
             # would be written "./name".
             raise InvalidRequest(
-                f"adapters: {adapter!r} is not a task of workspace {runtime.workspace.name!r} "
+                f"adapters: {adapter!r} is not a task of workspace {service.workspace.name!r} "
                 f"(tasks: {', '.join(sorted(tasks))}); give an adapter directory as a path"
             )
         resolved = Path(adapter).expanduser().resolve()
@@ -50,24 +50,24 @@ def check_paths(runtime: Runtime, config: MergeConfig) -> None:
         raise InvalidRequest("output_dir: the service writes to its own artifacts directory; omit it")
     for source in config.search.warm_start_sweeps if config.search else []:
         prefix = source.split("*")[0].split("?")[0].split("[")[0]
-        resolved = (runtime.artifacts_dir / prefix if not Path(prefix).is_absolute() else Path(prefix)).resolve()
+        resolved = (service.artifacts_dir / prefix if not Path(prefix).is_absolute() else Path(prefix)).resolve()
         if not _inside(resolved, roots):
             raise Forbidden(f"warm_start_sweeps entry {source!r} is outside the allowed roots")
 
 
-def validate(runtime: Runtime, kind: JobKind, config: MergeConfig) -> None:
+def validate(service: Service, kind: JobKind, config: MergeConfig) -> None:
     """Everything a worker would refuse, refused now (422 naming the problem)."""
-    assert runtime.session is not None
+    assert service.evaluator is not None
     if kind is JobKind.SWEEP:
         if config.search is None:
             raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")
-        Sweep(config, runtime.session)
+        Sweep(config, service.evaluator)
         return
-    prepare_merge(config, task_registry=runtime.workspace.task_registry(),
-                  adapter_cache=runtime.session.adapter_cache)
+    prepare_merge(config, task_registry=service.workspace.task_registry(),
+                  adapter_cache=service.evaluator.adapter_cache)
     for task in config.eval_tasks or []:
-        runtime.workspace.task(task)
-    if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in runtime.workspace.tasks
+        service.workspace.task(task)
+    if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in service.workspace.tasks
                                                                  for a in config.adapters)):
         raise InvalidRequest("eval_tasks: nothing to evaluate; name the tasks to evaluate on")
 
@@ -86,24 +86,24 @@ def _replayed(db: Session, idempotency_key: str | None, digest: str) -> Job | No
     return existing
 
 
-def submit(runtime: Runtime, kind: JobKind, config: MergeConfig, idempotency_key: str | None) -> tuple[Job, bool]:
+def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key: str | None) -> tuple[Job, bool]:
     """Return (job, created). A repeated Idempotency-Key returns its job, or 422 if the body differs."""
     body = request_body(config)
     digest = hashlib.sha256(json.dumps([kind.value, body], sort_keys=True).encode()).hexdigest()
-    with runtime.db_read() as db:
+    with service.db_read() as db:
         existing = _replayed(db, idempotency_key, digest)
     if existing is not None:
         return existing, False
-    check_paths(runtime, config)
-    validate(runtime, kind, config)
-    with runtime.db() as db:  # BEGIN IMMEDIATE: the check below and the insert are one step
+    check_paths(service, config)
+    validate(service, kind, config)
+    with service.db() as db:  # BEGIN IMMEDIATE: the check below and the insert are one step
         existing = _replayed(db, idempotency_key, digest)  # a concurrent twin got there first
         if existing is not None:
             return existing, False
-        if crud.count_queued(db) >= runtime.settings.max_queued_jobs:
-            raise QueueFull(f"{runtime.settings.max_queued_jobs} jobs are already queued; retry later")
+        if crud.count_queued(db) >= service.settings.max_queued_jobs:
+            raise QueueFull(f"{service.settings.max_queued_jobs} jobs are already queued; retry later")
         job = crud.create_job(db, kind=kind, request=body, request_hash=digest,
                               idempotency_key=idempotency_key)
-    assert runtime.executor is not None
-    runtime.executor.submit(job.id)
+    assert service.executor is not None
+    service.executor.submit(job.id)
     return job, True

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 from sqlalchemy.orm import sessionmaker
 
 from app import crud
-from app.api.errors import error_payload
-from app.crud import JobKind, JobStatus
+from app.db import JobKind, JobStatus
+from app.errors import error_payload
 from merging_core.config import parse_merge_config
 from merging_core.engine.runner import prepare_merge, run_merge
 from merging_core.errors import Cancelled

@@ -49,7 +49,7 @@ def test_api_conforms_to_its_schema(api_app, mode) -> None:  # type: ignore[no-u
     operations = _operations(api_app)
     healthz = next(op for op in operations if op.path == "/healthz")
     assert healthz.Case().call().status_code == 200  # starts the lifespan: migrations, loading
-    runtime = api_app.state.runtime
+    runtime = api_app.state.service
     assert runtime.wait_ready(120)
     assert len(operations) >= 14
     exercised = 0
@@ -68,5 +68,5 @@ def test_api_conforms_to_its_schema(api_app, mode) -> None:  # type: ignore[no-u
             # Nothing can be invalid about an operation whose only inputs are free strings or
             # that has none (GET /jobs/{job_id}, GET /healthz): no negative case exists.
             assert mode is GenerationMode.NEGATIVE, operation.label
-    assert api_app.state.runtime is runtime, "a second lifespan ran during the cases"
+    assert api_app.state.service is runtime, "a second lifespan ran during the cases"
     assert exercised == len(operations) if mode is GenerationMode.POSITIVE else exercised >= 4

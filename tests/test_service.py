@@ -89,7 +89,7 @@ def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Set
     slow = {**SWEEP, "eval_subset": None,
             "search": {"type": "grid", "grid": {"lambda": [i / 20 for i in range(20)]}}}
     with thread_server(settings) as (client, app):
-        holder = app.state.runtime.session.holder
+        holder = app.state.service.evaluator.holder
         before = holder.weights_fingerprint()
         job_id = client.post("/sweeps", json=slow).json()["id"]
         wait_job(client, job_id, until={"running"})

@@ -135,7 +135,7 @@ def test_unknown_job_and_cancel_of_a_finished_job(served) -> None:  # type: igno
 
 def test_full_queue_is_429(served) -> None:  # type: ignore[no-untyped-def]
     client, app, _ = served
-    runtime = app.state.runtime
+    runtime = app.state.service
     parked = _Parked()
     executor, runtime.executor = runtime.executor, parked
     try:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-import app.runtime as app_runtime
+import app.service as app_service
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
 from merging_core.evaluation.index import read_index
@@ -179,7 +179,7 @@ def test_evaluations_filters_sorts_and_pages(settings: Settings) -> None:
 def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     with thread_server(settings) as (client, app):
         # Hold the worker so that every job stays queued until we let it go.
-        runner = app.state.runtime.executor.runner
+        runner = app.state.service.executor.runner
         gate = threading.Event()
         execute = runner.execute
 
@@ -270,13 +270,13 @@ def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.Mon
 def test_readyz_is_503_until_the_model_is_resident(settings: Settings,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
-    load = app_runtime.EvalSession.from_workspace
+    load = app_service.EvalSession.from_workspace
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         assert release.wait(120)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(app_runtime.EvalSession, "from_workspace", slow_load)
+    monkeypatch.setattr(app_service.EvalSession, "from_workspace", slow_load)
     app = create_app(settings)
     with TestClient(app) as client:
         try:
@@ -295,7 +295,7 @@ def test_readyz_is_503_until_the_model_is_resident(settings: Settings,
             assert client.get("/evaluations").json() == {"total": 0, "items": []}
         finally:
             release.set()
-        assert app.state.runtime.wait_ready(120)
+        assert app.state.service.wait_ready(120)
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         for body in (ready.json(), client.get("/healthz").json()):
@@ -317,7 +317,7 @@ def test_readyz_names_a_load_error(tiny_workspace: Path, tmp_path: Path) -> None
     workspace.write_text(yaml.safe_dump(spec))
     app = create_app(Settings(workspace=workspace, artifacts_dir=tmp_path / "artifacts"))
     with TestClient(app, raise_server_exceptions=False) as client:
-        assert app.state.runtime.wait_ready(120) is False
+        assert app.state.service.wait_ready(120) is False
         for route in ("/readyz", "/readyz", "/healthz"):
             response = client.get(route)
             assert response.status_code == (200 if route == "/healthz" else 503), response.text

@@ -1,4 +1,4 @@
-"""Shared route dependencies: settings, database sessions, the runtime, auth."""
+"""Shared route dependencies: settings, database sessions, the service, auth."""
 
 from __future__ import annotations
 
@@ -10,32 +10,32 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, NotReady, Unauthorized
-from app.runtime import Runtime
+from app.service import Service
 from app.settings import Settings
 
 
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
+def get_service(request: Request) -> Service:
+    return request.app.state.service
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.runtime.db() as session:
+    with request.app.state.service.db() as session:
         yield session
 
 
 def get_read_db(request: Request) -> Iterator[Session]:
-    with request.app.state.runtime.db_read() as session:
+    with request.app.state.service.db_read() as session:
         yield session
 
 
-def get_ready_runtime(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Runtime:
-    if runtime.session is None:
-        raise NotReady(runtime.load_error or "the base model is still loading; retry shortly")
-    return runtime
+def get_ready_service(service: Annotated[Service, Depends(get_service)]) -> Service:
+    if service.evaluator is None:
+        raise NotReady(service.load_error or "the base model is still loading; retry shortly")
+    return service
 
 
 def require_token(request: Request) -> None:
-    settings: Settings = request.app.state.runtime.settings
+    settings: Settings = request.app.state.service.settings
     if settings.token is None:
         return
     header = request.headers.get("authorization", "")
@@ -48,7 +48,7 @@ def require_token(request: Request) -> None:
         raise Forbidden("invalid bearer token")
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ReadyDep = Annotated[Runtime, Depends(get_ready_runtime)]
+ServiceDep = Annotated[Service, Depends(get_service)]
+ReadyDep = Annotated[Service, Depends(get_ready_service)]
 DbDep = Annotated[Session, Depends(get_db)]  # writes: BEGIN IMMEDIATE
 ReadDbDep = Annotated[Session, Depends(get_read_db)]  # GETs: never wait for the write lock

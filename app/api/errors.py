@@ -112,12 +112,3 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path)
         return problem(500, "Internal error", "an unexpected error occurred; see the server log",
                        request)
-
-
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    """The structured `error` of a failed job."""
-    if isinstance(exc, ServiceError):
-        return {"type": type(exc).__name__, "status": exc.status, "detail": str(exc)}
-    if isinstance(exc, MergeError):
-        return {"type": type(exc).__name__, "status": 422, "detail": str(exc)}
-    return {"type": type(exc).__name__, "status": 500, "detail": str(exc) or type(exc).__name__}

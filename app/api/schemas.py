@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.crud import JobKind, JobStatus
+from app.db import JobKind, JobStatus
 from app.db import Job
 
 MERGE_EXAMPLE = {

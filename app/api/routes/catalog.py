@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from app import crud
-from app.api.deps import ReadDbDep, RuntimeDep
+from app.api.deps import ReadDbDep, ServiceDep
 from app.api.errors import problem_responses
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
@@ -32,16 +32,16 @@ def methods() -> list[MethodRead]:
 @router.get("/tasks", response_model=list[TaskRead], operation_id="list_tasks",
             summary="The workspace's tasks, with reference metrics once computed",
             responses=problem_responses(401, 403))
-def tasks(runtime: RuntimeDep) -> list[TaskRead]:
+def tasks(service: ServiceDep) -> list[TaskRead]:
     items = []
-    for name, task in runtime.workspace.tasks.items():
+    for name, task in service.workspace.tasks.items():
         reference = {}
         for split in task.data:
-            cached = runtime.artifacts_dir / name / "metrics" / "eval" / split / "reference" / "metrics.json"
+            cached = service.artifacts_dir / name / "metrics" / "eval" / split / "reference" / "metrics.json"
             if cached.is_file():
                 reference[split] = json.loads(cached.read_text())["metrics"]
         items.append(TaskRead(name=name, evaluator=task.evaluator, primary_metric=task.primary_metric,
-                              splits=list(task.data), adapter=str(runtime.workspace.adapter_path(name)),
+                              splits=list(task.data), adapter=str(service.workspace.adapter_path(name)),
                               reference=reference))
     return items
 
@@ -70,10 +70,10 @@ def evaluations(
     return EvaluationPage(total=total, items=items)
 
 
-def _run_dir(runtime: RuntimeDep, run_id: str) -> Path:
+def _run_dir(service: ServiceDep, run_id: str) -> Path:
     if not re.match(_RUN_ID, run_id):
         raise NotFound(f"run {run_id!r} not found (run ids look like run_YYYYMMDD_HHMMSS)")
-    matches = sorted(runtime.artifacts_dir.glob(f"merged/*/*/runs/{run_id}"))
+    matches = sorted(service.artifacts_dir.glob(f"merged/*/*/runs/{run_id}"))
     if not matches:
         raise NotFound(f"run {run_id!r} not found")
     if len(matches) > 1:
@@ -84,8 +84,8 @@ def _run_dir(runtime: RuntimeDep, run_id: str) -> Path:
 @router.get("/runs/{run_id}", response_model=RunRead, operation_id="get_run",
             summary="A run bundle's metadata, summary and evaluation results",
             responses=problem_responses(401, 403, 404, 409, 422))
-def get_run(run_id: str, runtime: RuntimeDep) -> RunRead:
-    run_dir = _run_dir(runtime, run_id)
+def get_run(run_id: str, service: ServiceDep) -> RunRead:
+    run_dir = _run_dir(service, run_id)
     read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else None  # noqa: E731
     evals = {p.stem.removeprefix("eval_results_"): json.loads(p.read_text())
              for p in run_dir.glob("eval_results_*.json")}
@@ -99,8 +99,8 @@ def get_run(run_id: str, runtime: RuntimeDep) -> RunRead:
             summary="The run's saved PEFT adapter (config, weights, heads) as a zip",
             responses={200: {"content": {"application/zip": {}}, "description": "zip"},
                        **problem_responses(401, 403, 404, 409, 422)})
-def download_adapter(run_id: str, runtime: RuntimeDep) -> Response:
-    run_dir = _run_dir(runtime, run_id)
+def download_adapter(run_id: str, service: ServiceDep) -> Response:
+    run_dir = _run_dir(service, run_id)
     files = [run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors",
              *sorted((run_dir / "heads").glob("*.safetensors"))]
     if not files[1].is_file():

@@ -5,33 +5,33 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import RuntimeDep
+from app.api.deps import ServiceDep
 from app.api.schemas import Health
 
 router = APIRouter(tags=["health"])
 
 
-def _health(runtime: RuntimeDep) -> Health:
-    session = runtime.session
+def _health(service: ServiceDep) -> Health:
+    evaluator = service.evaluator
     return Health(
-        status="ok" if runtime.load_error is None else "error",
-        ready=session is not None,
-        device=str(session.holder.device) if session  # resolved; before: as configured
-        else runtime.settings.device or runtime.workspace.spec.base_model.device,
-        model=str(runtime.workspace.base_model_path().name) if session else None,
-        workspace=runtime.workspace.name,
-        error=runtime.load_error,
+        status="ok" if service.load_error is None else "error",
+        ready=evaluator is not None,
+        device=str(evaluator.holder.device) if evaluator  # resolved; before: as configured
+        else service.settings.device or service.workspace.spec.base_model.device,
+        model=str(service.workspace.base_model_path().name) if evaluator else None,
+        workspace=service.workspace.name,
+        error=service.load_error,
     )
 
 
 @router.get("/healthz", response_model=Health, operation_id="healthz", summary="Liveness: answers at once")
-def healthz(runtime: RuntimeDep) -> Health:
-    return _health(runtime)
+def healthz(service: ServiceDep) -> Health:
+    return _health(service)
 
 
 @router.get("/readyz", response_model=Health, operation_id="readyz",
             summary="Readiness: 200 once the base model is resident, 503 before",
             responses={503: {"model": Health, "description": "model not loaded yet"}})
-def readyz(runtime: RuntimeDep) -> JSONResponse:
-    health = _health(runtime)
+def readyz(service: ServiceDep) -> JSONResponse:
+    health = _health(service)
     return JSONResponse(health.model_dump(), status_code=200 if health.ready else 503)

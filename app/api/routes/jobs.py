@@ -11,10 +11,10 @@ from fastapi import APIRouter, Query, Request
 from sse_starlette.sse import EventSourceResponse
 
 from app import crud
-from app.api.deps import DbDep, ReadDbDep, RuntimeDep
+from app.api.deps import DbDep, ReadDbDep, ServiceDep
 from app.api.errors import problem_responses
 from app.api.schemas import JobPage, JobRead
-from app.crud import TERMINAL, JobKind, JobStatus
+from app.db import TERMINAL, JobKind, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 POLL_S = 0.5
@@ -43,10 +43,10 @@ def get_job(job_id: str, db: ReadDbDep) -> JobRead:
 @router.post("/{job_id}/cancel", response_model=JobRead, operation_id="cancel_job",
              summary="Cancel: a queued job at once, a running one at its next batch or trial",
              responses=problem_responses(401, 403, 404, 409, 422))
-def cancel_job(job_id: str, db: DbDep, runtime: RuntimeDep) -> JobRead:
+def cancel_job(job_id: str, db: DbDep, service: ServiceDep) -> JobRead:
     job = crud.request_cancel(db, job_id=job_id)
-    if job.status == JobStatus.RUNNING.value and runtime.executor is not None:
-        runtime.executor.cancel(job_id)
+    if job.status == JobStatus.RUNNING.value and service.executor is not None:
+        service.executor.cancel(job_id)
     return JobRead.of(job)
 
 
@@ -54,9 +54,9 @@ def cancel_job(job_id: str, db: DbDep, runtime: RuntimeDep) -> JobRead:
             summary="Server-sent events: `progress` and `status` until the job ends",
             responses={200: {"content": {"text/event-stream": {}}, "description": "event stream"},
                        **problem_responses(401, 403, 404, 422)})
-async def job_events(job_id: str, request: Request, runtime: RuntimeDep) -> EventSourceResponse:
+async def job_events(job_id: str, request: Request, service: ServiceDep) -> EventSourceResponse:
     def read() -> JobRead:
-        with runtime.db_read() as db:
+        with service.db_read() as db:
             return JobRead.of(crud.get_job(db, job_id=job_id))
 
     first = await asyncio.to_thread(read)  # 404 before the stream starts

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Header, Response
 from app.api.deps import ReadyDep
 from app.api.errors import problem_responses
 from app.api.schemas import EVALUATION_EXAMPLE, MERGE_EXAMPLE, SWEEP_EXAMPLE, JobRead
-from app.crud import JobKind
+from app.db import JobKind
 from app.submit import submit
 from merging_core.config import MergeConfig
 
@@ -22,9 +22,9 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _accepted(response: Response, runtime: Any, kind: JobKind, config: MergeConfig,
+def _accepted(response: Response, service: Any, kind: JobKind, config: MergeConfig,
               key: str | None) -> JobRead:
-    job, created = submit(runtime, kind, config, key)
+    job, created = submit(service, kind, config, key)
     response.headers["Location"] = f"/jobs/{job.id}"
     response.status_code = 202 if created else 200
     return JobRead.of(job)
@@ -33,29 +33,29 @@ def _accepted(response: Response, runtime: Any, kind: JobKind, config: MergeConf
 @router.post("/merges", status_code=202, response_model=JobRead, operation_id="create_merge",
              summary="Queue a merge (evaluated too when eval_tasks is set)", responses=ERRORS)
 def create_merge(
-    response: Response, runtime: ReadyDep,
+    response: Response, service: ReadyDep,
     config: Annotated[MergeConfig, Body(openapi_examples={"ties": {"value": MERGE_EXAMPLE}})],
     idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
-    return _accepted(response, runtime, JobKind.MERGE, config, idempotency_key)
+    return _accepted(response, service, JobKind.MERGE, config, idempotency_key)
 
 
 @router.post("/evaluations", status_code=202, response_model=JobRead,
              operation_id="create_evaluation", summary="Queue an in-memory merge evaluation",
              responses=ERRORS)
 def create_evaluation(
-    response: Response, runtime: ReadyDep,
+    response: Response, service: ReadyDep,
     config: Annotated[MergeConfig, Body(openapi_examples={"weighted_delta": {"value": EVALUATION_EXAMPLE}})],
     idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
-    return _accepted(response, runtime, JobKind.EVALUATE, config, idempotency_key)
+    return _accepted(response, service, JobKind.EVALUATE, config, idempotency_key)
 
 
 @router.post("/sweeps", status_code=202, response_model=JobRead, operation_id="create_sweep",
              summary="Queue a grid or Bayesian sweep", responses=ERRORS)
 def create_sweep(
-    response: Response, runtime: ReadyDep,
+    response: Response, service: ReadyDep,
     config: Annotated[MergeConfig, Body(openapi_examples={"bayes": {"value": SWEEP_EXAMPLE}})],
     idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
-    return _accepted(response, runtime, JobKind.SWEEP, config, idempotency_key)
+    return _accepted(response, service, JobKind.SWEEP, config, idempotency_key)

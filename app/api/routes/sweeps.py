@@ -11,7 +11,7 @@ from app import crud
 from app.api.deps import ReadDbDep
 from app.api.errors import problem_responses
 from app.api.schemas import TrialPage, TrialRead
-from app.crud import JobKind
+from app.db import JobKind
 from app.errors import NotFound
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])

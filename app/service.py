@@ -1,4 +1,4 @@
-"""The service runtime: settings, database, the resident model session and the executor.
+"""The service: settings, database, the resident model (an EvalSession) and the executor.
 
 Built in the app's lifespan; the model loads in a background thread so `/healthz` answers at
 once and `/readyz` turns 200 when the model is resident.
@@ -11,13 +11,11 @@ import logging
 import threading
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.orm import sessionmaker
 
 from app import crud
-from app.db import make_engine, make_session_factory
-from app.settings import PROJECT_ROOT, Settings
+from app.db import make_engine, make_session_factory, upgrade_database
+from app.settings import Settings
 from app.worker import Executor, InProcessExecutor, JobRunner, recover
 from merging_core.evaluation.evaluate import EvalSession
 from merging_core.runtime.memory import release_freed_memory_promptly
@@ -26,15 +24,7 @@ from merging_core.evaluation.workspace import Workspace, load_workspace
 log = logging.getLogger(__name__)
 
 
-def upgrade_database(url: str) -> None:
-    """`alembic upgrade head` on the given database."""
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.attributes["url"] = url
-    command.upgrade(config, "head")
-
-
-class Runtime:
+class Service:
     def __init__(self, settings: Settings) -> None:
         release_freed_memory_promptly()
         self.settings = settings
@@ -45,7 +35,7 @@ class Runtime:
         self.db: sessionmaker = make_session_factory(self.engine)
         self.db_read: sessionmaker = make_session_factory(self.engine, read_only=True)
         self.workspace: Workspace = load_workspace(settings.workspace)
-        self.session: EvalSession | None = None
+        self.evaluator: EvalSession | None = None
         self.executor: Executor | None = None
         self.load_error: str | None = None
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
@@ -55,7 +45,7 @@ class Runtime:
 
     def _load(self) -> None:
         try:
-            session = EvalSession.from_workspace(
+            evaluator = EvalSession.from_workspace(
                 self.workspace, self.artifacts_dir, device=self.settings.device,
                 dtype=self.settings.dtype, index_listener=self._mirror,
             )
@@ -64,24 +54,24 @@ class Runtime:
             # thread, the event loop included, from re-scanning it while jobs run.
             gc.collect()
             gc.freeze()
-            executor = InProcessExecutor(JobRunner(session, self.db))
+            executor = InProcessExecutor(JobRunner(evaluator, self.db))
             executor.start()
             self.executor = executor
-            self.session = session
+            self.evaluator = evaluator
             requeued = recover(self.db, executor)
-            log.info("model resident on %s; %d queued job(s) submitted", session.holder.device,
+            log.info("model resident on %s; %d queued job(s) submitted", evaluator.holder.device,
                      len(requeued))
         except Exception as exc:  # noqa: BLE001 - reported by /readyz instead of crashing
             log.exception("could not load the base model")
             self.load_error = f"{type(exc).__name__}: {exc}"
 
     def _mirror(self, index_path: Path, entry: dict) -> None:
-        with self.db() as session:
-            crud.mirror_index_entry(session, index_path=index_path, entry=entry)
+        with self.db() as db:
+            crud.mirror_index_entry(db, index_path=index_path, entry=entry)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._loader.join(timeout)
-        return self.session is not None
+        return self.evaluator is not None
 
     def stop(self) -> None:
         if self.executor is not None:
