@@ -9,13 +9,15 @@ import torch
 from peft.utils import merge_utils
 
 from merging_core import list_methods, prepare_merge
+from merging_core.engine import get_method
 from merging_core.engine.merge import module_generator
+from merging_core.errors import ParamError
 from merging_core.methods import sparsify
-from merging_core.methods.dare_linear import dare_linear
-from merging_core.methods.dare_ties import dare_ties
-from merging_core.methods.magnitude_prune import magnitude_prune
+from merging_core.methods.gta import generalized_task_arithmetic
 from merging_core.methods.task_vector import task_vector
 from merging_core.methods.ties import ties
+from merging_core.plugins.sparsifiers import SPARSIFIERS
+from merging_core.plugins.transforms import TRANSFORMS, build_transform
 
 # method -> (params, needs equal ranks / exactly two adapters)
 MATRIX: dict[str, tuple[dict, str]] = {
@@ -143,6 +145,24 @@ def dense_deltas(adapters: dict[str, Path]) -> list[list[torch.Tensor]]:
     return [[a.modules[m].delta() for a in output.adapters] for m in output.modules]
 
 
+def _merge(method: str, deltas, params: dict, generator: torch.Generator | None = None):
+    """A registered delta-space method on plain tensors, its parameters validated as in a run."""
+    registered = get_method(method)
+    return registered.merge_in_memory(
+        deltas, registered.normalize_params(params, len(deltas)), generator
+    )
+
+
+# method -> (sparsifier, consensus): the family is data, so each entry is that pipeline exactly.
+FAMILY = {
+    "dare_linear": ("dare", None),
+    "dare_ties": ("dare", "total"),
+    "magnitude_prune": ("magnitude", None),
+    "breadcrumbs": ("breadcrumbs", None),
+    "della": ("della", "total"),
+}
+
+
 def test_ties_matches_peft(dense_deltas) -> None:
     for deltas in dense_deltas:
         ours = ties(deltas, k=20, lam=1.5)
@@ -160,21 +180,84 @@ def test_task_vector_and_magnitude_prune_match_peft(dense_deltas) -> None:
         ours = task_vector(deltas, weights)
         theirs = merge_utils.task_arithmetic(deltas, torch.tensor(weights))
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
-        ours = magnitude_prune(deltas, density=0.3, lam=weights)
+        ours = _merge("magnitude_prune", deltas, {"density": 0.3, "lambda": weights})
         theirs = merge_utils.magnitude_prune(deltas, torch.tensor(weights), density=0.3)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        # The same maths straight through the pipeline, without the registry.
+        direct = generalized_task_arithmetic(
+            deltas, weights=weights, sparsify=lambda delta, _: sparsify.magnitude(delta, 0.3)
+        )
+        torch.testing.assert_close(direct, theirs, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("ours_fn, theirs_fn", [(dare_linear, merge_utils.dare_linear),
-                                                (dare_ties, merge_utils.dare_ties)])
-def test_dare_matches_peft_with_fixed_seeds(dense_deltas, ours_fn, theirs_fn) -> None:
+@pytest.mark.parametrize("method, theirs_fn", [("dare_linear", merge_utils.dare_linear),
+                                               ("dare_ties", merge_utils.dare_ties)])
+def test_dare_matches_peft_with_fixed_seeds(dense_deltas, method, theirs_fn) -> None:
     weights = [0.5, 1.0, 2.0]
+    consensus = FAMILY[method][1]
     for seed, deltas in enumerate(dense_deltas):
         generator = torch.Generator().manual_seed(seed)
-        ours = ours_fn(deltas, density=0.4, lam=weights, generator=generator)
+        ours = _merge(method, deltas, {"density": 0.4, "lambda": weights}, generator)
         torch.manual_seed(seed)
         theirs = theirs_fn(deltas, torch.tensor(weights), density=0.4)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        # One generator serves the adapters in order, as the registry hands it to the method.
+        generator = torch.Generator().manual_seed(seed)
+        direct = generalized_task_arithmetic(
+            deltas, weights=weights, consensus=consensus,
+            sparsify=lambda delta, _: sparsify.random_drop(delta, 0.4, generator=generator),
+        )
+        torch.testing.assert_close(direct, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY))
+def test_sparsified_methods_are_the_pipeline_with_their_sparsifier(dense_deltas, method) -> None:
+    sparsifier, consensus = FAMILY[method]
+    spec = SPARSIFIERS[sparsifier]
+    registered = get_method(method)
+    # Parameters are declared once: the method's are the sparsifier's plus lambda.
+    assert [p for p in registered.params if p.name != "lambda"] == list(spec.all_params)
+    assert list(TRANSFORMS[sparsifier].params) == list(spec.all_params)
+    assert registered.seeded == spec.seeded == TRANSFORMS[sparsifier].seeded
+    weights = [0.5, 1.0, 2.0]
+    for deltas in dense_deltas:
+        params = registered.normalize_params({"lambda": weights}, len(deltas))
+        generator = module_generator(params["seed"], "m") if spec.seeded else None
+        ours = registered.merge_in_memory(deltas, params, generator)
+        generator = module_generator(params["seed"], "m") if spec.seeded else None
+        expected = generalized_task_arithmetic(
+            deltas, weights=weights, consensus=consensus,
+            sparsify=lambda delta, _: spec.fn(delta, params, generator),
+        )
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_della_without_spread_is_dare_ties(dense_deltas) -> None:
+    for seed, deltas in enumerate(dense_deltas):
+        della = _merge("della", deltas, {"density": 0.4, "epsilon": 0.0},
+                       torch.Generator().manual_seed(seed))
+        dare = _merge("dare_ties", deltas, {"density": 0.4}, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(della, dare, rtol=0, atol=0)
+
+
+def test_deterministic_transforms_then_task_vector_equal_their_methods(dense_deltas) -> None:
+    for name, method, params in [("magnitude", "magnitude_prune", {"density": 0.3}),
+                                 ("breadcrumbs", "breadcrumbs", {"density": 0.7, "gamma": 0.05})]:
+        transform = build_transform(name, params)
+        for deltas in dense_deltas:
+            trimmed = [transform.apply(delta, None) for delta in deltas]
+            torch.testing.assert_close(
+                task_vector(trimmed, 1.0), _merge(method, deltas, params), rtol=0, atol=0
+            )
+
+
+def test_della_range_is_checked_alike_as_method_and_as_transform() -> None:
+    message = r"density=0.1 and epsilon=0.5 give keep probabilities outside \(0, 1\]"
+    with pytest.raises(ParamError, match=r"method 'della': " + message):
+        get_method("della").normalize_params({"density": 0.1, "epsilon": 0.5}, 2)
+    with pytest.raises(ParamError, match=r"transform 'della': " + message):
+        build_transform("della", {"density": 0.1, "epsilon": 0.5})
+    build_transform("della", {"density": 0.5, "epsilon": 0.9})  # keep probabilities in (0, 1]
 
 
 def test_module_generators_do_not_depend_on_order() -> None:

@@ -1,22 +1,23 @@
 """Registration of every built-in merge method, each with its parameter schema.
 
 Adding a method: write `merging_core/methods/<name>.py` (a pure tensor function) and register
-it here. `engine/__init__` imports this module, so registration never depends on a caller
+it here. A sparsify-then-combine method needs no file of its own: it is one `_sparsified` entry
+naming a sparsifier of `plugins.sparsifiers` (which declares its parameters) and a sign
+consensus. `engine/__init__` imports this module, so registration never depends on a caller
 remembering an import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from merging_core.engine import saving
 from merging_core.engine.registry import MergeMethod, register
 from merging_core.methods import (
-    breadcrumbs,
-    dare_linear,
-    dare_ties,
-    della,
     knots,
     linear,
-    magnitude_prune,
     slerp,
     task_vector,
     ties,
@@ -25,7 +26,9 @@ from merging_core.methods import (
     weighted,
     weighted_delta,
 )
-from merging_core.params import ParamKind, ParamSpec
+from merging_core.methods.gta import Consensus, generalized_task_arithmetic
+from merging_core.params import ParamKind, ParamSpec, Params
+from merging_core.plugins.sparsifiers import SPARSIFIERS
 
 _LAMBDA_SCALE = ParamSpec(
     "lambda",
@@ -38,24 +41,41 @@ _LAMBDA_PAIR = ParamSpec(
     ParamKind.WEIGHTS,
     "with 2 adapters a number l means weights (l, 1 - l); otherwise one weight per adapter",
 )
-_SEED = ParamSpec("seed", ParamKind.INT, "random seed; each module draws from (seed, module)", 0, 0)
-_RESCALE = ParamSpec("rescale", ParamKind.BOOL, "rescale kept entries by 1/keep-probability", True)
-
-
-def _density(default: float, doc: str = "fraction of each delta's entries kept") -> ParamSpec:
-    return ParamSpec("density", ParamKind.FLOAT, doc, default, 0.0, 1.0)
-
-
-def _della_range(params: dict, n_adapters: int) -> None:
-    if params["density"] - params["epsilon"] / 2 <= 0 or params["density"] + params["epsilon"] / 2 > 1:
-        raise ValueError(
-            f"density={params['density']} and epsilon={params['epsilon']} give keep "
-            "probabilities outside (0, 1]; need density - epsilon/2 > 0 and density + epsilon/2 <= 1"
-        )
 
 
 def _lambda_pair(params: dict, n_adapters: int) -> None:
     linear.convex_pair(params["lambda"], n_adapters)
+
+
+def _sparsified(
+    name: str, sparsifier: str, consensus: Consensus | None, *, doc: str, paper: str
+) -> MergeMethod:
+    """A generalized task-arithmetic method: `sparsifier` on each delta, weights from `lambda`,
+    then a weighted sum (`consensus` None) or sign election and disjoint mean ("total")."""
+    spec = SPARSIFIERS[sparsifier]
+    check = spec.check
+
+    def merge(
+        deltas: Sequence[torch.Tensor], params: Params, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        # One generator, seeded from (seed, module) by the caller, serves the adapters in order.
+        return generalized_task_arithmetic(
+            deltas,
+            weights=linear.per_adapter(params["lambda"], len(deltas)),
+            sparsify=lambda delta, _index: spec.fn(delta, params, generator),
+            consensus=consensus,
+        )
+
+    return MergeMethod(
+        name=name,
+        doc=doc,
+        paper=paper,
+        params=(*spec.params, _LAMBDA_SCALE, *spec.sampling_params),
+        seeded=spec.seeded,
+        params_validator=None if check is None else lambda params, _n_adapters: check(params),
+        merge_in_memory=merge,
+        save_fn=saving.save_svd,
+    )
 
 
 BUILTIN_METHODS = (
@@ -110,70 +130,30 @@ BUILTIN_METHODS = (
         merge_in_memory=lambda deltas, p, g: ties.ties(deltas, k=p["k"], lam=p["lambda"]),
         save_fn=saving.save_svd,
     ),
-    MergeMethod(
-        name="dare_linear",
+    _sparsified(
+        "dare_linear", "dare", None,
         doc="DARE: random drop with rescale, then weighted sum.",
         paper="Yu et al. 2024, Language Models are Super Mario",
-        params=(_density(0.5, "keep probability of each entry"), _LAMBDA_SCALE, _RESCALE, _SEED),
-        seeded=True,
-        merge_in_memory=lambda deltas, p, g: dare_linear.dare_linear(
-            deltas, density=p["density"], lam=p["lambda"], rescale=p["rescale"], generator=g
-        ),
-        save_fn=saving.save_svd,
     ),
-    MergeMethod(
-        name="dare_ties",
+    _sparsified(
+        "dare_ties", "dare", "total",
         doc="DARE random drop with rescale, then TIES sign election and disjoint mean.",
         paper="Yu et al. 2024, Language Models are Super Mario",
-        params=(_density(0.5, "keep probability of each entry"), _LAMBDA_SCALE, _RESCALE, _SEED),
-        seeded=True,
-        merge_in_memory=lambda deltas, p, g: dare_ties.dare_ties(
-            deltas, density=p["density"], lam=p["lambda"], rescale=p["rescale"], generator=g
-        ),
-        save_fn=saving.save_svd,
     ),
-    MergeMethod(
-        name="magnitude_prune",
+    _sparsified(
+        "magnitude_prune", "magnitude", None,
         doc="Keep the top `density` magnitudes of each delta, then weighted sum.",
         paper="Yadav et al. 2023 (TIES trim step)",
-        params=(_density(0.2), _LAMBDA_SCALE),
-        merge_in_memory=lambda deltas, p, g: magnitude_prune.magnitude_prune(
-            deltas, density=p["density"], lam=p["lambda"]
-        ),
-        save_fn=saving.save_svd,
     ),
-    MergeMethod(
-        name="breadcrumbs",
+    _sparsified(
+        "breadcrumbs", "breadcrumbs", None,
         doc="Drop the top `gamma` outliers and the small tail, keep `density`, weighted sum.",
         paper="Davari & Belilovsky 2024, Model Breadcrumbs",
-        params=(
-            _density(0.9, "fraction kept after removing the outliers"),
-            ParamSpec("gamma", ParamKind.FLOAT, "fraction of largest magnitudes dropped", 0.01, 0.0, 1.0),
-            _LAMBDA_SCALE,
-        ),
-        merge_in_memory=lambda deltas, p, g: breadcrumbs.breadcrumbs(
-            deltas, density=p["density"], gamma=p["gamma"], lam=p["lambda"]
-        ),
-        save_fn=saving.save_svd,
     ),
-    MergeMethod(
-        name="della",
+    _sparsified(
+        "della", "della", "total",
         doc="DELLA: magnitude-ranked random drop (MagPrune), sign election, disjoint mean.",
         paper="Deep et al. 2024, DELLA-Merging",
-        params=(
-            _density(0.5, "mean keep probability"),
-            ParamSpec("epsilon", ParamKind.FLOAT, "spread of keep probabilities by rank", 0.1, 0.0, 1.0),
-            _LAMBDA_SCALE,
-            _RESCALE,
-            _SEED,
-        ),
-        seeded=True,
-        params_validator=_della_range,
-        merge_in_memory=lambda deltas, p, g: della.della(
-            deltas, density=p["density"], epsilon=p["epsilon"], lam=p["lambda"],
-            rescale=p["rescale"], generator=g,
-        ),
-        save_fn=saving.save_svd,
     ),
     MergeMethod(
         name="slerp",

@@ -1,8 +1,9 @@
 """Pre-merge transforms, run on each source adapter's dense delta before the method.
 
-The sparsifiers of the generalized task-arithmetic family are usable here on their own, e.g.
-`transforms: [{name: dare, params: {density: 0.3}}]` before `task_vector`. The seed's
-`ties_scaffold` (once a no-op placeholder) is an alias of `magnitude`, the TIES trim step.
+The sparsifiers of the generalized task-arithmetic family (`plugins.sparsifiers`) are usable
+here on their own, e.g. `transforms: [{name: dare, params: {density: 0.3}}]` before
+`task_vector`. The seed's `ties_scaffold` (once a no-op placeholder) is an alias of `magnitude`,
+the TIES trim step.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ from typing import Any
 
 import torch
 
-from merging_core.params import ParamKind, ParamSpec, Params, validate_params
 from merging_core.errors import ParamError, UnknownMethodError
-from merging_core.methods import sparsify
+from merging_core.params import ParamSpec, Params, validate_params
+from merging_core.plugins.sparsifiers import SPARSIFIERS, ParamsCheck
 
 TransformFn = Callable[[torch.Tensor, Params, torch.Generator | None], torch.Tensor]
-
-_DENSITY = ParamSpec("density", ParamKind.FLOAT, "fraction of entries kept", 0.2, 0.0, 1.0)
-_SEED = ParamSpec("seed", ParamKind.INT, "random seed (per module and adapter)", 0, 0)
-_RESCALE = ParamSpec("rescale", ParamKind.BOOL, "rescale survivors by 1/keep-probability", True)
 
 
 @dataclass(frozen=True)
@@ -32,6 +29,7 @@ class TransformSpec:
     params: tuple[ParamSpec, ...]
     fn: TransformFn
     seeded: bool = False
+    check: ParamsCheck | None = None  # raises ValueError on a bad combination of parameters
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "doc": self.doc, "params": [p.describe() for p in self.params]}
@@ -59,42 +57,9 @@ TRANSFORMS: dict[str, TransformSpec] = {
     spec.name: spec
     for spec in (
         TransformSpec("identity", "leave the delta unchanged", (), lambda d, p, g: d),
-        TransformSpec(
-            "magnitude",
-            "keep the top `density` fraction by magnitude (TIES trim)",
-            (_DENSITY,),
-            lambda d, p, g: sparsify.magnitude(d, p["density"]),
-        ),
-        TransformSpec(
-            "dare",
-            "drop entries at random, keep `density`, rescale (DARE)",
-            (ParamSpec("density", ParamKind.FLOAT, "keep probability", 0.5, 0.0, 1.0),
-             _RESCALE, _SEED),
-            lambda d, p, g: sparsify.random_drop(d, p["density"], rescale=p["rescale"], generator=g),
-            seeded=True,
-        ),
-        TransformSpec(
-            "breadcrumbs",
-            "drop the top `gamma` outliers and keep the next `density` (Model Breadcrumbs)",
-            (
-                ParamSpec("density", ParamKind.FLOAT, "fraction kept after the outliers", 0.9, 0.0, 1.0),
-                ParamSpec("gamma", ParamKind.FLOAT, "fraction of largest entries dropped", 0.01, 0.0, 1.0),
-            ),
-            lambda d, p, g: sparsify.breadcrumbs(d, p["density"], p["gamma"]),
-        ),
-        TransformSpec(
-            "della",
-            "magnitude-ranked random drop (DELLA MagPrune)",
-            (
-                ParamSpec("density", ParamKind.FLOAT, "mean keep probability", 0.5, 0.0, 1.0),
-                ParamSpec("epsilon", ParamKind.FLOAT, "spread of keep probabilities", 0.1, 0.0, 1.0),
-                _RESCALE,
-                _SEED,
-            ),
-            lambda d, p, g: sparsify.della_magprune(
-                d, p["density"], p["epsilon"], rescale=p["rescale"], generator=g
-            ),
-            seeded=True,
+        *(
+            TransformSpec(s.name, s.doc, s.all_params, s.fn, seeded=s.seeded, check=s.check)
+            for s in SPARSIFIERS.values()
         ),
     )
 }
@@ -115,8 +80,9 @@ def build_transform(name: str, params: Mapping[str, Any]) -> Transform:
         )
     owner = f"transform {name!r}"
     validated = validate_params(owner, spec.params, params)
-    if name == "della":
-        density, epsilon = validated["density"], validated["epsilon"]
-        if density - epsilon / 2 <= 0 or density + epsilon / 2 > 1:
-            raise ParamError(f"{owner}: density ± epsilon/2 must stay within (0, 1]")
+    if spec.check is not None:
+        try:
+            spec.check(validated)
+        except ValueError as exc:
+            raise ParamError(f"{owner}: {exc}") from exc
     return Transform(spec, validated)
