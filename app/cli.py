@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from merging_core import cli as core_cli
+from app.settings import Settings
+from merging_core.cli import JobDefaults, ProgressBar, add_job_commands, config_from_args, run_command
 from merging_core.errors import MergeError
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -27,7 +28,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
                                    "workspace": args.workspace,
@@ -41,7 +41,6 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from app import crud
     from app.db import make_engine, make_session_factory
     from app.db import upgrade_database
-    from app.settings import Settings
 
     settings = Settings()
     upgrade_database(settings.resolved_database_url)
@@ -60,31 +59,11 @@ def _remote(args: argparse.Namespace) -> int:
     """Submit the job to a running service, follow it with a progress bar, print the result."""
     import httpx
 
-    config = core_cli._merge_config(args)
-    if args.command == "sweep":
-        search = config.search.model_dump(exclude_unset=True) if config.search else {}
-        if args.search_type:
-            search["type"] = args.search_type
-        for item in args.grid:
-            key, _, values = item.partition("=")
-            search.setdefault("grid", {})[key] = [core_cli._value(v) for v in values.split(",")]
-        if args.budget:
-            search["budget"] = args.budget
-        body = {**config.model_dump(mode="json", exclude_unset=True), "search": search}
-    else:
-        body = config.model_dump(mode="json", exclude_unset=True)
-    if args.command == "evaluate" and args.tasks:
-        body["eval_tasks"] = args.tasks
-    # The local flags that are not config keys, as the local commands apply them.
-    if getattr(args, "save", False):
-        body["save_merged"] = True
-    if getattr(args, "split", None):
-        body["split"] = args.split
-    if getattr(args, "max_samples", None):
-        body["eval_subset"] = {"max_samples": args.max_samples, "stratified": True}
+    if getattr(args, "adapter", None):
+        raise MergeError("--server evaluates merges; evaluate a saved adapter (--adapter) locally")
+    body = config_from_args(args).model_dump(mode="json", exclude_unset=True)
     token = os.environ.get("LORA_MERGE_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    bar = core_cli._ProgressBar(args.command)
     with httpx.Client(base_url=args.server, headers=headers, timeout=30) as client:
         response = client.post(ENDPOINTS[args.command], json=body)
         if response.status_code >= 400:
@@ -92,15 +71,13 @@ def _remote(args: argparse.Namespace) -> int:
             print(f"error: {response.status_code} {problem.get('detail', response.text)}", file=sys.stderr)
             return 2
         job = response.json()
-        try:
+        with ProgressBar(args.command) as bar:
             while job["status"] not in TERMINAL:
                 time.sleep(0.5)
                 job = client.get(f"/jobs/{job['id']}").json()
                 progress = job["progress"]
                 bar(progress["done"], max(progress["total"], 1), progress["message"],
                     {"best": progress.get("best")} if progress.get("best") else {})
-        finally:
-            bar.close()
     print(json.dumps({"id": job["id"], "status": job["status"], "result": job["result"],
                       "error": job["error"]}, indent=2))
     return 0 if job["status"] == "succeeded" else 1
@@ -114,11 +91,15 @@ def _json(response: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = core_cli.build_parser()
-    for sub in parser.job_parsers.values():  # type: ignore[attr-defined]
-        sub.add_argument("--server", help="submit to a running service at this URL instead "
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="lora-merge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+    # Local jobs find the service's workspace and artifacts, from whatever directory.
+    defaults = JobDefaults(workspace=settings.workspace, artifacts_dir=settings.artifacts_dir)
+    for job in add_job_commands(commands, defaults=defaults).values():
+        job.add_argument("--server", help="submit to a running service at this URL instead "
                          "(token from $LORA_MERGE_TOKEN)")
-    commands = parser.commands  # type: ignore[attr-defined]
     serve = commands.add_parser("serve", help="start the HTTP service")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -132,15 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if getattr(args, "server", None):
-        try:
-            return _remote(args)
-        except MergeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return core_cli.main(argv, parser)
+        args.handler = _remote  # the same job, run by the service
+    return run_command(args)
 
 
 if __name__ == "__main__":

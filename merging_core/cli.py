@@ -6,42 +6,88 @@
     lora-merge evaluate --adapter artifacts/merged/ties/.../runs/run_... --workspace ws.yaml
     lora-merge sweep --config configs/merge/merge_weighted_delta_sweep_bayes.yaml --workspace ws.yaml
     lora-merge methods
+
+The pieces are public so that the service's CLI (`app.cli`) builds the same commands:
+`add_job_commands` adds them to a parser, `config_from_args` is the one place flags become a
+`MergeConfig`, `ProgressBar` shows a job's progress and `run_command` runs a parsed command.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from merging_core.adapters import load_task_registry
-from merging_core.config import load_merge_config, parse_merge_config
+from merging_core.config import EvalSubsetConfig, MergeConfig, load_merge_config, parse_merge_config
 from merging_core.engine import list_methods
 from merging_core.engine.runner import run_merge
 from merging_core.errors import MergeError
 from merging_core.runtime.memory import release_freed_memory_promptly
 
+if TYPE_CHECKING:
+    from merging_core.evaluation.evaluate import EvalSession
+
+log = logging.getLogger("lora-merge")
+
+WORKSPACE_ENV = "LORA_MERGE_WORKSPACE"
+ARTIFACTS_ENV = "LORA_MERGE_ARTIFACTS_DIR"
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """Where the local commands look when no flag, environment variable or config says.
+
+    The workspace is `--workspace`, else `$LORA_MERGE_WORKSPACE`, else `workspace`. The artifacts
+    root is `--output-dir`, else `$LORA_MERGE_ARTIFACTS_DIR`, else the config's `output_dir`,
+    else `artifacts_dir`.
+    """
+
+    workspace: Path = Path("workspaces/demo/workspace.yaml")
+    artifacts_dir: Path = Path("artifacts")
+
+
+# --- flags -> config --------------------------------------------------------------------------
+
 
 def _value(text: str) -> Any:
     """Parse a CLI value as YAML, so `0.5`, `[0.2, 0.8]` and `true` get their types."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MergeError(f"cannot parse {text!r}: {exc}") from None
 
 
-def _merge_config(args: argparse.Namespace) -> Any:
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise MergeError(f"{flag} expects {form}, got {item!r}")
+    return key, text
+
+
+def config_from_args(args: argparse.Namespace) -> MergeConfig:
+    """The merge config a job command's flags describe: the `--config` file, then the flags over it.
+
+    Local commands and the service's `--server` mode both build their job from this, so a flag
+    means the same thing either way. Flags a command does not define are simply absent.
+    """
+    source = args.config or "(command line)"
     if args.config:
-        config = load_merge_config(args.config)
-        data = config.model_dump(exclude_unset=True)
+        data = load_merge_config(args.config).model_dump(exclude_unset=True)
+    elif not (args.adapters and args.method):
+        raise MergeError("give --config, or both --adapters and --method")
     else:
-        if not args.adapters or not args.method:
-            raise MergeError("give --config, or both --adapters and --method")
         data = {}
     if args.adapters:
         data["adapters"] = args.adapters
@@ -51,67 +97,68 @@ def _merge_config(args: argparse.Namespace) -> Any:
     if args.lambda_ is not None:
         params["lambda"] = _value(args.lambda_)
     for item in args.param:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise MergeError(f"--param expects NAME=VALUE, got {item!r}")
+        key, text = _pair(item, "--param", "NAME=VALUE")
         params[key] = _value(text)
-    data["method_params"] = params
+    if params:
+        data["method_params"] = params
     if args.merge_mode:
         data["merge_mode"] = args.merge_mode
-    if args.save_rank:
+    if args.save_rank is not None:
         data["save_rank"] = args.save_rank
-    return parse_merge_config(data, args.config or "(command line)")
+    if args.save:
+        data["save_merged"] = True
+    # Evaluation flags (evaluate, sweep).
+    if getattr(args, "tasks", None):
+        data["eval_tasks"] = args.tasks
+    if getattr(args, "split", None):
+        data["split"] = args.split
+    if getattr(args, "max_samples", None) is not None:
+        data["eval_subset"] = _subset_flags(args)
+    # Sweep overrides (sweep).
+    search_type = getattr(args, "search_type", None)
+    grid = getattr(args, "grid", None) or []
+    budget = getattr(args, "budget", None)
+    if search_type or grid or budget is not None:
+        search = dict(data.get("search") or {})
+        if search_type:
+            search["type"] = search_type
+        for item in grid:
+            key, values = _pair(item, "--grid", "NAME=V1,V2,...")
+            # One YAML flow list, so per-adapter values work: lambda=[0.2,0.8],[0.5,0.5]
+            search["grid"] = {**(search.get("grid") or {}), key: _value(f"[{values}]")}
+        if budget is not None:
+            search["budget"] = budget
+        data["search"] = search
+    return parse_merge_config(data, source)
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    config = _merge_config(args)
-    workspace = _workspace_path(args)
-    registry = load_task_registry(workspace) if args.workspace or workspace.is_file() else None
-    session = _session(args) if config.optimizer.name != "none" else None
-    bar = _ProgressBar(config.optimizer.name)
-    try:
-        result = run_merge(
-            config,
-            task_registry=registry,
-            artifacts_dir=args.output_dir,
-            save=True if args.save else None,
-            session=session,
-            progress=(lambda done, total, message: bar(done, total, message, {})),
-        )
-    finally:
-        bar.close()
-    summary = {
-        "merge_tag": result.merge_tag,
-        "run_dir": str(result.run_dir),
-        "adapter_path": str(result.adapter_path) if result.adapter_path else None,
-        "num_modules": len(result.output.modules),
-        "left_out": result.output.left_out,
-    }
-    print(json.dumps(summary, indent=2))
-    return 0
+def _subset_flags(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--max-samples N`: a stratified subset of N examples per task."""
+    if getattr(args, "max_samples", None) is None:
+        return None
+    return {"max_samples": args.max_samples, "stratified": True}
 
 
-DEFAULT_WORKSPACE = Path("workspaces/demo/workspace.yaml")
+# --- progress ---------------------------------------------------------------------------------
 
 
-def _workspace_path(args: argparse.Namespace) -> Path:
-    path = args.workspace or os.environ.get("LORA_MERGE_WORKSPACE") or DEFAULT_WORKSPACE
-    return Path(path)
+class ProgressBar:
+    """A job's progress: a tqdm bar on a terminal, log lines otherwise.
 
-
-class _ProgressBar:
-    """A tqdm bar on a terminal, log lines otherwise."""
+    Called as `bar(done, total, message, extra)`, the library's progress callback; `extra` may
+    hold `best` (a sweep's best trial so far, with its `objective`).
+    """
 
     def __init__(self, description: str) -> None:
         self.description = description
         self.bar: Any = None
 
-    def __call__(self, done: int, total: int, message: str, extra: dict[str, Any]) -> None:
-        best = extra.get("best")
+    def __call__(self, done: int, total: int, message: str,
+                 extra: dict[str, Any] | None = None) -> None:
+        best = (extra or {}).get("best")
         suffix = f" best={best['objective']:.4f}" if best else ""
         if not sys.stderr.isatty():
-            logging.getLogger("lora-merge").info("%s %d/%d %s%s", self.description, done, total,
-                                                 message, suffix)
+            log.info("%s %d/%d %s%s", self.description, done, total, message, suffix)
             return
         if self.bar is None:
             from tqdm import tqdm
@@ -124,47 +171,81 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
 
 
-def _session(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+# --- local commands ---------------------------------------------------------------------------
+
+
+def _workspace_path(args: argparse.Namespace, defaults: JobDefaults) -> Path:
+    return Path(args.workspace or os.environ.get(WORKSPACE_ENV) or defaults.workspace)
+
+
+def _artifacts_root(args: argparse.Namespace, defaults: JobDefaults,
+                    config: MergeConfig | None) -> Path:
+    output_dir = config.output_dir if config is not None else None
+    return Path(args.output_dir or os.environ.get(ARTIFACTS_ENV) or output_dir
+                or defaults.artifacts_dir)
+
+
+def _session(args: argparse.Namespace, defaults: JobDefaults,
+             config: MergeConfig | None) -> EvalSession:
     from merging_core.evaluation.evaluate import EvalSession
     from merging_core.evaluation.workspace import load_workspace
 
-    workspace = load_workspace(_workspace_path(args))
-    return EvalSession.from_workspace(workspace, args.output_dir or "artifacts",
+    workspace = load_workspace(_workspace_path(args, defaults))
+    return EvalSession.from_workspace(workspace, _artifacts_root(args, defaults, config),
                                       device=getattr(args, "device", None))
 
 
-def _subset(args: argparse.Namespace, config: Any) -> Any:
-    if args.max_samples:
-        from merging_core.config import EvalSubsetConfig
+def _cmd_merge(args: argparse.Namespace, *, defaults: JobDefaults) -> int:
+    config = config_from_args(args)
+    workspace = _workspace_path(args, defaults)
+    explicit = args.workspace or os.environ.get(WORKSPACE_ENV)
+    registry = load_task_registry(workspace) if explicit or workspace.is_file() else None
+    session = _session(args, defaults, config) if config.optimizer.name != "none" else None
+    with ProgressBar(config.optimizer.name) as bar:
+        result = run_merge(config, task_registry=registry,
+                           artifacts_dir=_artifacts_root(args, defaults, config),
+                           session=session, progress=bar)
+    print(json.dumps({
+        "merge_tag": result.merge_tag,
+        "run_dir": str(result.run_dir),
+        "adapter_path": str(result.adapter_path) if result.adapter_path else None,
+        "num_modules": len(result.output.modules),
+        "left_out": result.output.left_out,
+    }, indent=2))
+    return 0
 
-        return EvalSubsetConfig(max_samples=args.max_samples, stratified=True)
-    return config.eval_subset if config is not None else None
 
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(args: argparse.Namespace, *, defaults: JobDefaults) -> int:
     if bool(args.adapter) == bool(args.config or args.adapters):
         raise MergeError("give either --adapter DIR (a saved adapter) or a merge (--config/--adapters)")
-    session = _session(args)
-    bar = _ProgressBar("evaluate")
-    try:
+    with ProgressBar("evaluate") as bar:
         if args.adapter:
+            session = _session(args, defaults, None)
+            subset = _subset_flags(args)
             result = session.evaluate_saved(
                 args.adapter, tasks=args.tasks, split=args.split or "test",
-                subset=_subset(args, None), progress=bar,
+                subset=EvalSubsetConfig(**subset) if subset else None, progress=bar,
             )
         else:
-            config = _merge_config(args)
+            config = config_from_args(args)
+            session = _session(args, defaults, config)
             merged = run_merge(config, task_registry=session.workspace.task_registry(),
-                               artifacts_dir=session.root, save=True if args.save else None)
+                               artifacts_dir=session.root)
             result = session.evaluate_merge(
-                merged.output, merge_tag=merged.merge_tag,
-                tasks=args.tasks or config.eval_tasks, split=args.split or config.split,
-                subset=_subset(args, config), run_dir=merged.run_dir, progress=bar,
+                merged.output, merge_tag=merged.merge_tag, tasks=config.eval_tasks,
+                split=config.split, subset=config.eval_subset, run_dir=merged.run_dir,
+                progress=bar,
             )
-    finally:
-        bar.close()
     print(json.dumps({
         "merge_tag": result.merge_tag,
         "objective_min_delta": result.objective,
@@ -175,28 +256,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from merging_core.evaluation.sweep import run_sweep
+def _cmd_sweep(args: argparse.Namespace, *, defaults: JobDefaults) -> int:
+    from merging_core.search import run_sweep
 
-    config = _merge_config(args)
-    search = config.search.model_dump(exclude_unset=True) if config.search else {}
-    if args.search_type:
-        search["type"] = args.search_type
-    for item in args.grid:
-        key, sep, values = item.partition("=")
-        if not sep:
-            raise MergeError(f"--grid expects NAME=V1,V2,..., got {item!r}")
-        search.setdefault("grid", {})[key] = [_value(v) for v in values.split(",")]
-    if args.budget:
-        search["budget"] = args.budget
-    config = parse_merge_config({**config.model_dump(exclude_unset=True), "search": search},
-                                args.config or "(command line)")
-    session = _session(args)
-    bar = _ProgressBar("sweep")
-    try:
+    config = config_from_args(args)
+    session = _session(args, defaults, config)
+    with ProgressBar("sweep") as bar:
         result = run_sweep(config, session, progress=bar)
-    finally:
-        bar.close()
     best = result.best
     print(json.dumps({
         "sweep_id": result.sweep_id,
@@ -222,58 +288,74 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- parsers ----------------------------------------------------------------------------------
+
+
 def _merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="merge config YAML (the unified schema)")
     parser.add_argument("--adapters", nargs="+", help="task names or adapter directories")
     parser.add_argument("--method", help="merge method (see `lora-merge methods`)")
-    parser.add_argument("--lambda", dest="lambda_", help="method_params.lambda: 0.5 or [0.3,0.7]")
+    parser.add_argument("--lambda", dest="lambda_", metavar="LAMBDA",
+                        help="method_params.lambda: 0.5 or [0.3,0.7]")
     parser.add_argument("--param", action="append", default=[], help="method param NAME=VALUE")
     parser.add_argument("--merge-mode", choices=["common", "strict"])
-    parser.add_argument("--save", action="store_true", help="save the merged adapter")
+    parser.add_argument("--save", action="store_true", help="save the merged adapter (save_merged)")
     parser.add_argument("--save-rank", type=int, help="rank of SVD-saved nonlinear merges")
-    parser.add_argument("--workspace", help="workspace file (default: $LORA_MERGE_WORKSPACE or "
-                        "workspaces/demo/workspace.yaml); also the task registry for task names")
-    parser.add_argument("--output-dir", help="artifacts root (default: config output_dir or ./artifacts)")
+    parser.add_argument("--workspace", help=f"workspace file (default: ${WORKSPACE_ENV} or the "
+                        "demo workspace); also the task registry for task names")
+    parser.add_argument("--output-dir", help=f"artifacts root (default: ${ARTIFACTS_ENV}, else the "
+                        "config's output_dir, else ./artifacts)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-merge", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _eval_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+",
+                        help="tasks to evaluate (eval_tasks; default: the merged tasks)")
+    parser.add_argument("--split", help="data split (default: the config's, else test)")
+    parser.add_argument("--max-samples", type=int, help="evaluate on a stratified subset (eval_subset)")
+    parser.add_argument("--device", help="override the workspace device (cpu, cuda)")
 
-    merge = commands.add_parser("merge", help="merge adapters and write a run bundle")
-    _merge_flags(merge)
-    merge.set_defaults(handler=_cmd_merge)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a merge (in memory) or a saved adapter")
-    _merge_flags(evaluate)
-    evaluate.add_argument("--adapter", help="a saved adapter directory (e.g. a run bundle)")
-    evaluate.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: the merged tasks)")
-    evaluate.add_argument("--split", help="data split (default: the config's, else test)")
-    evaluate.add_argument("--max-samples", type=int, help="evaluate on a stratified subset")
-    evaluate.add_argument("--device", help="override the workspace device (cpu, cuda)")
-    evaluate.set_defaults(handler=_cmd_evaluate)
+JobHandler = Callable[..., int]
 
-    sweep = commands.add_parser("sweep", help="search merge coefficients (grid or bayes)")
-    _merge_flags(sweep)
-    sweep.add_argument("--search-type", choices=["grid", "bayes"], help="override search.type")
-    sweep.add_argument("--grid", action="append", default=[], help="NAME=V1,V2,... grid values")
-    sweep.add_argument("--budget", type=int, help="override search.budget")
-    sweep.add_argument("--device", help="override the workspace device (cpu, cuda)")
-    sweep.set_defaults(handler=_cmd_sweep)
 
-    methods = commands.add_parser("methods", help="list merge methods and their parameters")
+def add_job_commands(
+    subparsers: Any, *, defaults: JobDefaults | None = None,
+) -> dict[str, argparse.ArgumentParser]:
+    """Add `merge`, `evaluate`, `sweep` and `methods` to `subparsers` (from `add_subparsers`).
+
+    Returns the three job parsers by canonical name. The seed's names are aliases
+    (`evaluate-merged`, `merge-sweep`); `args.command` is always the canonical name.
+    """
+    defaults = defaults or JobDefaults()
+    jobs: dict[str, argparse.ArgumentParser] = {}
+    commands: list[tuple[str, list[str], str, JobHandler]] = [
+        ("merge", [], "merge adapters and write a run bundle", _cmd_merge),
+        ("evaluate", ["evaluate-merged"], "evaluate a merge (in memory) or a saved adapter",
+         _cmd_evaluate),
+        ("sweep", ["merge-sweep"], "search merge coefficients (grid or bayes)", _cmd_sweep),
+    ]
+    for name, aliases, help_text, handler in commands:
+        parser = subparsers.add_parser(name, aliases=aliases, help=help_text)
+        _merge_flags(parser)
+        parser.set_defaults(command=name, handler=functools.partial(handler, defaults=defaults))
+        jobs[name] = parser
+    jobs["evaluate"].add_argument("--adapter", help="a saved adapter directory (e.g. a run bundle)")
+    _eval_flags(jobs["evaluate"])
+    _eval_flags(jobs["sweep"])
+    jobs["sweep"].add_argument("--search-type", choices=["grid", "bayes"], help="override search.type")
+    jobs["sweep"].add_argument("--grid", action="append", default=[],
+                               help="search.grid values NAME=V1,V2,... (values parse as YAML)")
+    jobs["sweep"].add_argument("--budget", type=int, help="override search.budget")
+
+    methods = subparsers.add_parser("methods", help="list merge methods and their parameters")
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(handler=_cmd_methods)
-    # Hooks for the service's CLI (app.cli), which adds `serve`, `db` and `--server`.
-    parser.job_parsers = {"merge": merge, "evaluate": evaluate, "sweep": sweep}  # type: ignore[attr-defined]
-    parser.commands = commands  # type: ignore[attr-defined]
-    return parser
+    return jobs
 
 
-def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    args = (parser or build_parser()).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command's handler; bad input (MergeError) prints `error: ...` and gives 2."""
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     release_freed_memory_promptly()
     with warnings.catch_warnings():
         warnings.simplefilter("default", DeprecationWarning)
@@ -282,6 +364,17 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         except MergeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+
+
+def build_parser(defaults: JobDefaults | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-merge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    add_job_commands(parser.add_subparsers(dest="command", required=True), defaults=defaults)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
