@@ -17,51 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (MB, RESULTS_DIR, ROOT, PeakRssSampler, publish, rss_bytes, utc_stamp,
+                    versions_line)
 
-RESULTS = ROOT / "bench" / "results" / "adamerging_bench_cpu.md"
+RESULTS = RESULTS_DIR / "adamerging_bench_cpu.md"
 IMPLS = ("streaming_parametrize", "functional_clone_legacy")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakSampler:
-    """Samples this process's RSS every few milliseconds (ru_maxrss would include the load)."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        import threading
-
-        self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
-
-    def _run(self, interval_s: float) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(interval_s)
-
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def build_1b_workspace(root: Path) -> Path:
@@ -127,9 +94,10 @@ def run_case(workspace: Path, tasks: list[str], impl: str, steps: int, batch_siz
         for parameter in session.holder.model.parameters():  # so the baseline holds the model
             parameter.sum()
     gc.collect()
-    baseline = rss_mb()
+    baseline = rss_bytes() / MB
     times = []
-    with frozen(session.holder.model), PeakSampler() as sampler:
+    # Sampled above `baseline` (the loaded model): ru_maxrss would include the load.
+    with frozen(session.holder.model), PeakRssSampler(interval_s=0.005) as sampler:
         trainer.step()  # warm-up
         for _ in range(steps):
             started = time.perf_counter()
@@ -139,7 +107,7 @@ def run_case(workspace: Path, tasks: list[str], impl: str, steps: int, batch_siz
         "impl": impl,
         "seconds_per_step": sum(times) / len(times),
         "baseline_mb": baseline,
-        "peak_added_mb": max(sampler.peak - baseline, 0.0),
+        "peak_added_mb": max(sampler.peak_bytes / MB - baseline, 0.0),
         "params_m": sum(p.numel() for p in session.holder.model.parameters()) / 1e6,
     }
 
@@ -189,15 +157,10 @@ def main() -> None:
         "|---|---|---|---|---|---|",
         *rows,
     ])
-    note = (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), float32, torch "
-            f"{torch.__version__}, Python {platform.python_version()}; {args.steps} steps after one "
-            f"warm-up; delta_residency cpu_stream; {datetime.now(timezone.utc):%Y-%m-%d}.")
-    print(table)
-    print()
-    print(note)
-    if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(table + "\n\n" + note + "\n")
+    note = (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), float32, "
+            f"{versions_line('torch')}; {args.steps} steps after one "
+            f"warm-up; delta_residency cpu_stream; {utc_stamp('%Y-%m-%d')}.")
+    publish(table + "\n\n" + note, RESULTS if args.write else None)
 
 
 if __name__ == "__main__":

@@ -6,26 +6,34 @@ What it does, all on loopback:
 2. starts the real service in a subprocess (`python -m app.cli serve --port P`, uvicorn) with
    `LORA_MERGE_WORKSPACE`, `LORA_MERGE_ARTIFACTS_DIR`, `HF_HUB_OFFLINE=1` and
    `LORA_MERGE_MAX_QUEUED_JOBS=1000`, and waits for `/readyz`;
-3. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 30 x 30 per-layer `lambda`
-   grid, 900 trials by default) and waits until the worker is running it and has finished its
-   first trial;
-4. for `--seconds` (default 20): `--pollers` (default 50) concurrent pollers of
-   `GET /jobs/{sweep_id}` (each waits `--poll-interval` between its requests, 0.5 s by default,
-   the interval of the project's own `--server` client and of the SSE stream; the pollers'
-   phases are spread evenly over one interval), plus a steady stream of `POST /merges` (`ties`
-   on the two tasks) every `--post-interval` (default 0.1 s), sent on schedule whether or not
-   the previous one has answered. Request counts are bounded (each poller and the POST stream
-   stop after the number of requests the window allows) and every request times out after
-   10 s (counted as an error);
-5. records every request's latency (from sending to the full response, measured in this
-   client with `httpx.AsyncClient`), and checks that the sweep is still `running` at the end,
-   i.e. the worker was busy for the whole window;
-6. cancels the sweep and terminates the server (always, in a `finally`).
+3. runs `--rounds` (default 3) measurement rounds; in each round:
+   a. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 30 x 30 per-layer
+      `lambda` grid, 900 trials by default) and waits until the worker is running it and has
+      finished its first trial;
+   b. for `--seconds` (default 20): `--pollers` (default 50) concurrent pollers of
+      `GET /jobs/{sweep_id}` (each waits `--poll-interval` between its requests, 0.5 s by
+      default, the interval of the project's own `--server` client and of the SSE stream; the
+      pollers' phases are spread evenly over one interval), plus a steady stream of POSTs, one
+      every `--post-interval` (default 0.1 s), sent on schedule whether or not the previous one
+      has answered, rotating through the kinds in `POST_KINDS`: a plain `POST /merges` (`ties`
+      on the two tasks), `POST /merges` with the `adamerging` optimizer on `task_vector` and on
+      `weighted_delta` (no `lambda`: the optimizer sets them), and a small `POST /sweeps` (a
+      3-point `lambda` grid). Request counts are bounded (each poller and the POST stream stop
+      after the number of requests the window allows) and every request times out after 10 s;
+   c. records every request's latency (from sending to the full response, measured in this
+      client with `httpx.AsyncClient`), and checks that the sweep is still `running` at the
+      end, i.e. the worker was busy for the whole window;
+   d. cancels the jobs the round queued and its sweep, so every round starts from an empty
+      queue (and the queued merges never run);
+4. terminates the server (always, in a `finally`).
 
-It prints a markdown report: a header (date, CPU count, load, Python / torch / platform), the
-table (count, errors, p50, p95, p99, max in milliseconds for GET and POST), whether the worker
-was busy the whole time, and the goals with PASS / FAIL: p99 < 50 ms for GET, < 100 ms for POST.
-Nothing in the report is hard-coded; everything comes from the run.
+Every answer outside 2xx, and every request that fails or times out, counts as an error of its
+kind; the report quotes the first error of each kind. It prints a markdown report: a header
+(date, CPU count, load, versions), one table row per request kind (count, errors, p50, p95,
+p99, max in milliseconds over all rounds, then each round's p99 and their median and worst),
+each round's worker and server figures, and the goals with PASS / FAIL: p99 < 50 ms for GET,
+< 100 ms for every POST kind, judged on the worst round (one good round can be luck) and with
+no errors. Nothing in the report is hard-coded; everything comes from the run.
 
 The client runs on the same machine as the server, so on a small machine it takes CPU from it;
 run it on an otherwise idle machine (the header records the load average before and after).
@@ -35,14 +43,13 @@ Run from the repository root:
     .venv/bin/python bench/api_bench.py --seconds 20            # print the report
     .venv/bin/python bench/api_bench.py --seconds 20 --write    # and write it to
                                                   # bench/results/api_bench_cpu.md
-    .venv/bin/python bench/api_bench.py --seconds 5 --pollers 10  # a quick check
+    .venv/bin/python bench/api_bench.py --duration 3 --rounds 1 --pollers 10  # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import math
 import os
@@ -50,6 +57,7 @@ import platform
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,21 +67,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# First: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import RESULTS_DIR, ROOT, package_versions, publish, utc_stamp
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import httpx
 
-import httpx  # noqa: E402
-
-RESULTS_FILE = REPO_ROOT / "bench" / "results" / "api_bench_cpu.md"
-GOALS_MS = {"GET": 50.0, "POST": 100.0}
+RESULTS_FILE = RESULTS_DIR / "api_bench_cpu.md"
+GET_GOAL_MS = 50.0
+POST_GOAL_MS = 100.0
 TASKS = ["topic", "mood"]
-MERGE_BODY: dict[str, Any] = {"adapters": TASKS, "method": "ties"}
 TERMINAL = {"succeeded", "failed", "cancelled"}
 REQUEST_TIMEOUT_S = 10.0  # a request not answered by then counts as an error (ReadTimeout)
+ERROR_BODY_CHARS = 400  # of the first error body quoted per kind
+# Small enough to be cheap to validate; the jobs are cancelled before they run anyway.
+ADAMERGING = {"name": "adamerging", "params": {"steps": 2, "batch_size": 4, "samples_per_task": 8}}
+
+
+@dataclass(frozen=True)
+class PostKind:
+    """One kind of POST in the stream: its row in the table, its path and its body."""
+
+    name: str
+    path: str
+    body: dict[str, Any]
+
+
+POST_KINDS = (
+    PostKind("POST /merges (ties)", "/merges", {"adapters": TASKS, "method": "ties"}),
+    PostKind("POST /merges (adamerging, task_vector)", "/merges",
+             {"adapters": TASKS, "method": "task_vector", "optimizer": ADAMERGING, "eval_tasks": TASKS}),
+    # No lambda: the optimizer sets weighted_delta's lambdas.
+    PostKind("POST /merges (adamerging, weighted_delta)", "/merges",
+             {"adapters": TASKS, "method": "weighted_delta", "optimizer": ADAMERGING, "eval_tasks": TASKS}),
+    PostKind("POST /sweeps (grid, 3 lambdas)", "/sweeps",
+             {"adapters": TASKS, "method": "weighted_delta",
+              "search": {"type": "grid", "grid": {"lambda": [0.25, 0.5, 0.75]}}}),
+)
+GET_NAME = "GET /jobs/{id}"
 
 
 def sweep_body(points: int) -> dict[str, Any]:
@@ -95,17 +125,41 @@ def sweep_body(points: int) -> dict[str, Any]:
 
 @dataclass
 class Samples:
-    """Latencies (seconds) of the requests that answered as expected, and the failures."""
+    """Latencies (seconds) of the requests answered with a 2xx, and the failures."""
 
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    first_error: str = ""  # the first failure, with the body of the answer if there was one
 
-    def error(self, what: str) -> None:
+    def error(self, what: str, detail: str = "") -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+        if not self.first_error:
+            self.first_error = f"{what}: {detail}" if detail else what
+
+    def record(self, response: httpx.Response, elapsed: float) -> bool:
+        """Count an answer: its latency if 2xx, else an error quoting its body. True if 2xx."""
+        if response.is_success:
+            self.latencies.append(elapsed)
+            return True
+        self.error(f"HTTP {response.status_code}", response.text[:ERROR_BODY_CHARS])
+        return False
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @classmethod
+    def pooled(cls, parts: Sequence[Samples]) -> Samples:
+        total = cls()
+        for part in parts:
+            total.latencies += part.latencies
+            for what, count in part.errors.items():
+                total.errors[what] = total.errors.get(what, 0) + count
+            total.first_error = total.first_error or part.first_error
+        return total
+
+    def p99_ms(self) -> float | None:
+        return percentile(self.latencies, 99) * 1000 if self.latencies else None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -117,34 +171,46 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Row:
-    name: str
-    count: int
-    errors: int
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    max_ms: float | None
-    goal_ms: float
+    """One request kind over all rounds: `rounds[i]` holds what round i measured."""
 
-    @classmethod
-    def of(cls, name: str, samples: Samples, goal_ms: float) -> Row:
-        lat = [x * 1000 for x in samples.latencies]
-        if not lat:
-            return cls(name, 0, samples.error_count, None, None, None, None, goal_ms)
-        return cls(name, len(lat), samples.error_count, percentile(lat, 50), percentile(lat, 95),
-                   percentile(lat, 99), max(lat), goal_ms)
+    name: str
+    goal_ms: float
+    rounds: list[Samples]
+
+    @property
+    def all(self) -> Samples:
+        return Samples.pooled(self.rounds)
+
+    def percentile_ms(self, q: float) -> float | None:
+        latencies = self.all.latencies
+        return percentile(latencies, q) * 1000 if latencies else None
+
+    @property
+    def round_p99s(self) -> list[float | None]:
+        return [part.p99_ms() for part in self.rounds]
+
+    @property
+    def median_p99(self) -> float | None:
+        measured = [x for x in self.round_p99s if x is not None]
+        return statistics.median(measured) if measured else None
+
+    @property
+    def worst_p99(self) -> float | None:
+        """The worst round's p99; None if a round answered none of this kind with a 2xx."""
+        p99s = self.round_p99s
+        return None if not p99s or None in p99s else max(x for x in p99s if x is not None)
 
     @property
     def passed(self) -> bool:
-        return self.p99_ms is not None and self.p99_ms < self.goal_ms and self.errors == 0
+        worst = self.worst_p99
+        return worst is not None and worst < self.goal_ms and self.all.error_count == 0
 
 
 @dataclass
 class Observed:
-    """What the run saw of the sweep (the worker's job) and the machine."""
+    """What one round saw of its sweep (the worker's job) and of the machine."""
 
     sweep_id: str = ""
-    grid_points: int = 0
     status_before: str = ""
     status_after: str = ""
     done_before: int = 0
@@ -162,6 +228,16 @@ class Observed:
         # anything else in between, as the pollers saw it) means running throughout.
         return (self.status_before == "running" and self.status_after == "running"
                 and not self.non_running_seen)
+
+
+@dataclass
+class Round:
+    """One round's measurements: GETs, POSTs by kind name, the worker, and the jobs it queued."""
+
+    gets: Samples = field(default_factory=Samples)
+    posts: dict[str, Samples] = field(default_factory=lambda: {kind.name: Samples() for kind in POST_KINDS})
+    observed: Observed = field(default_factory=Observed)
+    queued_ids: list[str] = field(default_factory=list)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -186,7 +262,7 @@ def start_server(workspace: Path, artifacts: Path, port: int, log_path: Path) ->
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
 
 
@@ -252,7 +328,7 @@ def wait_first_trial(client: httpx.Client, job_id: str, timeout: float) -> dict[
 
 
 async def poller(client: httpx.AsyncClient, job_id: str, offset: float, until: float,
-                 interval: float, max_requests: int, samples: Samples, observed: Observed) -> None:
+                 interval: float, max_requests: int, measured: Round) -> None:
     await asyncio.sleep(offset)
     for _ in range(max_requests):
         if time.perf_counter() >= until:
@@ -262,35 +338,33 @@ async def poller(client: httpx.AsyncClient, job_id: str, offset: float, until: f
             response = await client.get(f"/jobs/{job_id}")
             elapsed = time.perf_counter() - started
         except httpx.HTTPError as exc:
-            samples.error(type(exc).__name__)
+            measured.gets.error(type(exc).__name__)
         else:
-            if response.status_code == 200:
-                samples.latencies.append(elapsed)
+            if measured.gets.record(response, elapsed):
                 status = response.json()["status"]
                 if status != "running":
-                    observed.non_running_seen[status] = observed.non_running_seen.get(status, 0) + 1
-            else:
-                samples.error(f"HTTP {response.status_code}")
+                    seen = measured.observed.non_running_seen
+                    seen[status] = seen.get(status, 0) + 1
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
 
 
-async def one_post(client: httpx.AsyncClient, samples: Samples) -> None:
+async def one_post(client: httpx.AsyncClient, kind: PostKind, measured: Round) -> None:
+    samples = measured.posts[kind.name]
     started = time.perf_counter()
     try:
-        response = await client.post("/merges", json=MERGE_BODY)
+        response = await client.post(kind.path, json=kind.body)
         elapsed = time.perf_counter() - started
     except httpx.HTTPError as exc:
         samples.error(type(exc).__name__)
         return
-    if response.status_code == 202:
-        samples.latencies.append(elapsed)
-    else:
-        samples.error(f"HTTP {response.status_code}")
+    if samples.record(response, elapsed):
+        measured.queued_ids.append(str(response.json()["id"]))
 
 
 async def post_stream(client: httpx.AsyncClient, start: float, until: float, interval: float,
-                      samples: Samples) -> None:
-    """Open loop: one POST every `interval` on a fixed schedule, at most (window / interval)."""
+                      measured: Round) -> None:
+    """Open loop: one POST every `interval` on a fixed schedule, at most (window / interval),
+    the kinds in turn."""
     tasks: list[asyncio.Task[None]] = []
     for index in range(int((until - start) / interval)):
         delay = start + index * interval - time.perf_counter()
@@ -298,30 +372,70 @@ async def post_stream(client: httpx.AsyncClient, start: float, until: float, int
             await asyncio.sleep(delay)
         if time.perf_counter() >= until:
             break
-        tasks.append(asyncio.create_task(one_post(client, samples)))
+        kind = POST_KINDS[index % len(POST_KINDS)]
+        tasks.append(asyncio.create_task(one_post(client, kind, measured)))
     await asyncio.gather(*tasks)
 
 
-async def measure(base_url: str, job_id: str, seconds: float, pollers: int, poll_interval: float,
-                  post_interval: float, observed: Observed) -> tuple[Samples, Samples]:
-    gets, posts = Samples(), Samples()
-    limits = httpx.Limits(max_connections=pollers + 64, max_keepalive_connections=pollers + 64)
+async def measure(base_url: str, job_id: str, args: argparse.Namespace, measured: Round) -> None:
+    limits = httpx.Limits(max_connections=args.pollers + 64, max_keepalive_connections=args.pollers + 64)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         # One request per connection first, so connection set-up is not in the measurement.
-        await asyncio.gather(*(client.get("/healthz") for _ in range(pollers)))
+        await asyncio.gather(*(client.get("/healthz") for _ in range(args.pollers)))
         start = time.perf_counter()
-        until = start + seconds
-        max_polls = int(seconds / poll_interval) + 1
+        until = start + args.seconds
+        max_polls = int(args.seconds / args.poll_interval) + 1
         # The pollers' phases are spread evenly over one interval, as independent clients'
         # would be (not all 50 firing at the same instant every interval).
         await asyncio.gather(
-            *(poller(client, job_id, index * poll_interval / pollers, until, poll_interval,
-                     max_polls, gets, observed) for index in range(pollers)),
-            post_stream(client, start, until, post_interval, posts),
+            *(poller(client, job_id, index * args.poll_interval / args.pollers, until,
+                     args.poll_interval, max_polls, measured) for index in range(args.pollers)),
+            post_stream(client, start, until, args.post_interval, measured),
         )
-        observed.window_s = time.perf_counter() - start
-    return gets, posts
+        measured.observed.window_s = time.perf_counter() - start
+
+
+def run_round(client: httpx.Client, process: subprocess.Popen[bytes], base_url: str,
+              args: argparse.Namespace, number: int) -> Round:
+    """Queue a long sweep, measure while it runs, then cancel what the round queued."""
+    measured = Round()
+    observed = measured.observed
+    response = client.post("/sweeps", json=sweep_body(args.grid_points))
+    if response.status_code != 202:
+        raise RuntimeError(f"POST /sweeps: {response.status_code} {response.text}")
+    observed.sweep_id = str(response.json()["id"])
+    try:
+        job = wait_first_trial(client, observed.sweep_id, timeout=args.ready_timeout)
+        observed.status_before, observed.done_before = job["status"], job["progress"]["done"]
+        observed.total = job["progress"]["total"]
+        print(f"round {number}/{args.rounds}: sweep {observed.sweep_id} running "
+              f"({observed.done_before}/{observed.total} trials); measuring for {args.seconds:g} s ...",
+              file=sys.stderr)
+        observed.load_before = loadavg()
+        cpu_before = process_cpu_seconds(process.pid)
+        asyncio.run(measure(base_url, observed.sweep_id, args, measured))
+        cpu_after = process_cpu_seconds(process.pid)
+        observed.load_after = loadavg()
+        if cpu_before is not None and cpu_after is not None:
+            observed.server_cpu_s = cpu_after - cpu_before
+        job = client.get(f"/jobs/{observed.sweep_id}").json()
+        observed.status_after, observed.done_after = job["status"], job["progress"]["done"]
+    finally:
+        # The queued jobs first, so none of them starts when the sweep stops; then the next
+        # round's sweep is the next job the worker takes.
+        if process.poll() is None:
+            cancel_jobs(client, [*measured.queued_ids, observed.sweep_id])
+    return measured
+
+
+def cancel_jobs(client: httpx.Client, job_ids: Sequence[str]) -> None:
+    """Cancel each job; a 409 (it had already ended) is fine, a dead server ends the loop."""
+    try:
+        for job_id in job_ids:
+            client.post(f"/jobs/{job_id}/cancel")
+    except httpx.HTTPError as exc:
+        print(f"cancelling the round's jobs: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -332,80 +446,89 @@ def fmt(value: float | None) -> str:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    found = {"python": platform.python_version()}
-    for package in ("torch", "fastapi", "uvicorn", "sqlalchemy", "httpx"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return {"python": platform.python_version(),
+            **package_versions("torch", "fastapi", "uvicorn", "sqlalchemy", "httpx")}
 
 
-def report(args: argparse.Namespace, rows: list[Row], observed: Observed, gets: Samples,
-           posts: Samples) -> str:
+def load_text(value: tuple[float, float, float] | None) -> str:
+    return "n/a" if value is None else " / ".join(f"{x:.2f}" for x in value)
+
+
+def round_lines(number: int, measured: Round) -> list[str]:
+    observed = measured.observed
+    busy = observed.busy_whole_window
+    trials = observed.done_after - observed.done_before
+    seen = f", pollers saw {observed.non_running_seen}" if observed.non_running_seen else ""
+    rate = trials / observed.window_s if observed.window_s else 0.0
+    line = (f"- round {number}: worker busy for the whole window: {'yes' if busy else 'NO'} (sweep "
+            f"`{observed.status_before}` at the start, `{observed.status_after}` at the end{seen}; "
+            f"trials {observed.done_before} -> {observed.done_after} of {observed.total}, "
+            f"{rate:.2f} trials/s during the window; the last answer came after "
+            f"{observed.window_s:.1f} s)")
+    if observed.server_cpu_s is not None and observed.window_s:
+        line += (f"; server process CPU {observed.server_cpu_s:.1f} s "
+                 f"({observed.server_cpu_s / observed.window_s:.2f} cores on average)")
+    return [line]
+
+
+def report(args: argparse.Namespace, rows: list[Row], rounds: list[Round]) -> str:
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    found = versions()
-
-    def load(value: tuple[float, float, float] | None) -> str:
-        return "n/a" if value is None else " / ".join(f"{x:.2f}" for x in value)
-
+    kinds = "; ".join(f"`{kind.name}` `{json.dumps(kind.body)}`" for kind in POST_KINDS)
     lines = [
         "# API latency while the worker is busy (CPU)",
         "",
-        f"- date (UTC): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')}",
+        f"- date (UTC): {utc_stamp()}",
         f"- machine: {platform.platform()}, {cpus} CPUs ({usable} usable by this process)",
-        (f"- load average (1/5/15 min) before: {load(observed.load_before)}, after: "
-        f"{load(observed.load_after)}"),
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in found.items()),
+        (f"- load average (1/5/15 min) before the first round: "
+         f"{load_text(rounds[0].observed.load_before)}, after the last: "
+         f"{load_text(rounds[-1].observed.load_after)}"),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- command: `.venv/bin/python bench/api_bench.py {shlex.join(sys.argv[1:])}`".rstrip(),
     ]
     if args.note:
         lines.append(f"- note: {args.note}")
     lines += [
         "",
-        (f"Load for {args.seconds:g} s (the last answer came after {observed.window_s:.1f} s) on "
-        f"loopback: {args.pollers} concurrent pollers of "
-        f"`GET /jobs/{{sweep_id}}` (each waits {args.poll_interval:g} s between its requests, "
-        "phases spread over the interval) and "
-        f"one `POST /merges` (`ties`, 2 adapters) every {args.post_interval:g} s, while the "
-        f"worker runs a {observed.total}-trial `weighted_delta` grid sweep (per-layer `lambda`) on "
-        "the tiny workspace. Latency is measured in the client (httpx.AsyncClient, same machine), from "
-        "sending the request to the full response."),
+        (f"{len(rounds)} rounds of {args.seconds:g} s each on loopback: {args.pollers} concurrent "
+         f"pollers of `GET /jobs/{{sweep_id}}` (each waits {args.poll_interval:g} s between its "
+         "requests, phases spread over the interval) and one POST every "
+         f"{args.post_interval:g} s, the kinds in turn ({kinds}), while the worker runs a fresh "
+         f"{rounds[0].observed.total}-trial `weighted_delta` grid sweep (per-layer `lambda`) on "
+         "the tiny workspace. After each round its queued jobs and its sweep are cancelled. "
+         "Latency is measured in the client (httpx.AsyncClient, same machine), from sending the "
+         "request to the full response; an answer outside 2xx counts as an error, not a latency. "
+         "Count, errors, p50 to max: all rounds together; the result is on the worst round's p99 "
+         "and no errors."),
         "",
-        "| request | count | errors | p50 ms | p95 ms | p99 ms | max ms | goal (p99) | result |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| request | count | errors | p50 ms | p95 ms | p99 ms | max ms | p99 per round ms "
+        "| p99 median / worst ms | goal (p99) | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
+        total = row.all
         lines.append(
-            f"| {row.name} | {row.count} | {row.errors} | {fmt(row.p50_ms)} | {fmt(row.p95_ms)} | "
-            f"{fmt(row.p99_ms)} | {fmt(row.max_ms)} | < {row.goal_ms:g} | "
+            f"| {row.name} | {len(total.latencies)} | {total.error_count} | "
+            f"{fmt(row.percentile_ms(50))} | {fmt(row.percentile_ms(95))} | "
+            f"{fmt(row.percentile_ms(99))} | {fmt(row.percentile_ms(100))} | "
+            f"{', '.join(fmt(x) for x in row.round_p99s)} | "
+            f"{fmt(row.median_p99)} / {fmt(row.worst_p99)} | < {row.goal_ms:g} | "
             f"{'PASS' if row.passed else 'FAIL'} |"
         )
-    busy = observed.busy_whole_window
-    trials = observed.done_after - observed.done_before
-    seen = f", pollers saw {observed.non_running_seen}" if observed.non_running_seen else ""
-    rate = trials / observed.window_s if observed.window_s else 0.0
+    lines.append("")
+    for number, measured in enumerate(rounds, start=1):
+        lines += round_lines(number, measured)
+    for row in rows:
+        total = row.all
+        if total.errors:
+            lines.append(f"- {row.name} errors: {json.dumps(total.errors)}; the first: "
+                         f"{total.first_error}")
+    busy = all(measured.observed.busy_whole_window for measured in rounds)
     lines += [
         "",
-        (f"- worker busy for the whole window: {'yes' if busy else 'NO'} (sweep "
-        f"`{observed.status_before}` at the start, `{observed.status_after}` at the end{seen}; "
-        f"trials {observed.done_before} -> {observed.done_after} of {observed.total}, "
-        f"{rate:.2f} trials/s during the window)"),
-    ]
-    if observed.server_cpu_s is not None and observed.window_s:
-        lines.append(f"- server process CPU during the window: {observed.server_cpu_s:.1f} s "
-                     f"({observed.server_cpu_s / observed.window_s:.2f} cores on average)")
-    for name, samples in (("GET", gets), ("POST", posts)):
-        if samples.errors:
-            lines.append(f"- {name} errors: {json.dumps(samples.errors)}")
-    lines += [
-        "",
-        "Goals: " + "; ".join(
+        "Goals (worst round): " + "; ".join(
             f"{row.name} p99 < {row.goal_ms:g} ms: {'PASS' if row.passed else 'FAIL'}" for row in rows
-        ) + ("" if busy else " (NOT VALID: the worker was not busy for the whole window)"),
+        ) + ("" if busy else " (NOT VALID: the worker was not busy for the whole window of every round)"),
         "",
     ]
     return "\n".join(lines)
@@ -417,7 +540,7 @@ def report(args: argparse.Namespace, rows: list[Row], observed: Observed, gets: 
 def run(args: argparse.Namespace) -> str:
     from scripts.make_tiny_workspace import build_tiny_workspace
 
-    observed = Observed(grid_points=args.grid_points)
+    rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="api-bench-") as tmp:
         root = Path(tmp)
         (root / "ws").mkdir()
@@ -428,68 +551,49 @@ def run(args: argparse.Namespace) -> str:
         base_url = f"http://127.0.0.1:{port}"
         print(f"starting the service on {base_url} ...", file=sys.stderr)
         process = start_server(workspace, root / "artifacts", port, log_path)
-        sweep_id: str | None = None
         try:
             with httpx.Client(base_url=base_url, timeout=60) as client:
                 wait_ready(client, process, timeout=args.ready_timeout)
-                response = client.post("/sweeps", json=sweep_body(args.grid_points))
-                if response.status_code != 202:
-                    raise RuntimeError(f"POST /sweeps: {response.status_code} {response.text}")
-                sweep_id = str(response.json()["id"])
-                observed.sweep_id = sweep_id
-                job = wait_first_trial(client, sweep_id, timeout=args.ready_timeout)
-                observed.status_before, observed.done_before = job["status"], job["progress"]["done"]
-                observed.total = job["progress"]["total"]
-                print(f"sweep {sweep_id} running ({observed.done_before}/{observed.total} trials); "
-                      f"measuring for {args.seconds:g} s ...", file=sys.stderr)
-                observed.load_before = loadavg()
-                cpu_before = process_cpu_seconds(process.pid)
-                gets, posts = asyncio.run(measure(
-                    base_url, sweep_id, args.seconds, args.pollers, args.poll_interval,
-                    args.post_interval, observed,
-                ))
-                cpu_after = process_cpu_seconds(process.pid)
-                observed.load_after = loadavg()
-                if cpu_before is not None and cpu_after is not None:
-                    observed.server_cpu_s = cpu_after - cpu_before
-                job = client.get(f"/jobs/{sweep_id}").json()
-                observed.status_after, observed.done_after = job["status"], job["progress"]["done"]
+                for number in range(1, args.rounds + 1):
+                    rounds.append(run_round(client, process, base_url, args, number))
         except BaseException:
             if log_path.is_file():
                 print("--- server log (tail) ---\n" + log_path.read_text()[-4000:], file=sys.stderr)
             raise
         finally:
-            try:
-                if sweep_id is not None and process.poll() is None:
-                    with httpx.Client(base_url=base_url, timeout=10) as client:
-                        client.post(f"/jobs/{sweep_id}/cancel")
-            except httpx.HTTPError:
-                pass
-            finally:
-                stop_server(process)
-    rows = [Row.of("GET /jobs/{id}", gets, GOALS_MS["GET"]),
-            Row.of("POST /merges", posts, GOALS_MS["POST"])]
-    return report(args, rows, observed, gets, posts)
+            stop_server(process)
+    for kind in POST_KINDS:  # visible at once, not only in the report's last lines
+        first = Samples.pooled([measured.posts[kind.name] for measured in rounds]).first_error
+        if first:
+            print(f"{kind.name}: first error: {first}", file=sys.stderr)
+    rows = [Row(GET_NAME, GET_GOAL_MS, [measured.gets for measured in rounds])]
+    rows += [Row(kind.name, POST_GOAL_MS, [measured.posts[kind.name] for measured in rounds])
+             for kind in POST_KINDS]
+    return report(args, rows, rounds)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window (default 20)")
+    parser.add_argument("--seconds", "--duration", dest="seconds", type=float, default=20.0,
+                        help="measurement window of each round (default 20)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurement rounds; PASS / FAIL is on the worst (default 3)")
     parser.add_argument("--pollers", type=int, default=50, help="concurrent GET pollers (default 50)")
     parser.add_argument("--poll-interval", type=float, default=0.5,
                         help="seconds each poller waits between its requests (default 0.5)")
     parser.add_argument("--post-interval", type=float, default=0.1,
-                        help="seconds between POST /merges (default 0.1)")
+                        help="seconds between POSTs, the kinds in turn (default 0.1)")
     parser.add_argument("--grid-points", type=int, default=900,
-                        help="trials in the sweep that keeps the worker busy (default 900; the "
-                             "report says whether it lasted the whole window)")
+                        help="trials in the sweep that keeps the worker busy in each round (default "
+                             "900; the report says whether it lasted the whole window)")
     parser.add_argument("--ready-timeout", type=float, default=180.0,
-                        help="seconds to wait for the model to load and the sweep to start")
+                        help="seconds to wait for the model to load and each round's sweep to start")
     parser.add_argument("--note", default="", help="a line added to the report's header")
     parser.add_argument("--write", action="store_true", help=f"write the report to {RESULTS_FILE}")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.pollers < 1 or args.poll_interval <= 0 or args.post_interval <= 0:
-        parser.error("--seconds, --pollers, --poll-interval and --post-interval must be positive")
+    if (args.seconds <= 0 or args.rounds < 1 or args.pollers < 1 or args.poll_interval <= 0
+            or args.post_interval <= 0):
+        parser.error("--seconds, --rounds, --pollers, --poll-interval and --post-interval must be positive")
     if args.grid_points < 2:
         parser.error("--grid-points must be at least 2")
     return args
@@ -498,10 +602,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     text = run(args)
-    print(text)
+    publish(text, RESULTS_FILE if args.write else None)
     if args.write:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text)
         print(f"written to {RESULTS_FILE}", file=sys.stderr)
     return 0
 

@@ -42,39 +42,37 @@ import argparse
 import logging
 import math
 import os
-import platform
 import random
 import statistics
-import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import product
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (RESULTS_DIR, ROOT, cpu_line, display_path, publish, setup_logging, utc_stamp,
+                    versions_line)
+
+import torch
+
+from merging_core.config import EvalSubsetConfig, parse_merge_config
+from merging_core.engine.merge import MergeOutput
+from merging_core.engine.runner import prepare_merge
+from merging_core.errors import Cancelled
+from merging_core.evaluation.cancel import CancelToken
+from merging_core.evaluation.evaluate import EvalSession, EvaluationResult, subset_namespace
+from merging_core.evaluation.sweep import Trial, run_sweep
+from merging_core.evaluation.workspace import load_workspace
+from merging_core.methods.weighted_delta import coefficients
+
+# The tokenizers library reads this when it tokenises, not at import, so here is in time.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
-from merging_core.config import EvalSubsetConfig, parse_merge_config  # noqa: E402
-from merging_core.engine.merge import MergeOutput  # noqa: E402
-from merging_core.engine.runner import prepare_merge  # noqa: E402
-from merging_core.errors import Cancelled  # noqa: E402
-from merging_core.evaluation.cancel import CancelToken  # noqa: E402
-from merging_core.evaluation.evaluate import EvalSession, EvaluationResult, subset_namespace  # noqa: E402
-from merging_core.evaluation.sweep import Trial, run_sweep  # noqa: E402
-from merging_core.evaluation.workspace import load_workspace  # noqa: E402
-from merging_core.methods.weighted_delta import coefficients  # noqa: E402
-
 DEMO_WORKSPACE = ROOT / "workspaces" / "demo" / "workspace.yaml"
-RESULTS = ROOT / "bench" / "results" / "bo_bench_cpu.md"
+RESULTS = RESULTS_DIR / "bo_bench_cpu.md"
 TOLERANCE = 0.005  # 0.5 accuracy points; metrics are fractions
 EPS = 1e-9  # float noise in objective comparisons
 
@@ -336,23 +334,6 @@ def case_lines(result: CaseResult) -> list[str]:
     return lines
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def display_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 def run_case(case: Case, objective: MemoObjective, seeds: int, full_budget: bool) -> CaseResult:
     evaluations, seconds = objective.evaluations, objective.seconds
     grid = run_grid(case, objective)
@@ -386,12 +367,7 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: a new temp dir)")
     parser.add_argument("--write", action="store_true", help=f"write {display_path(RESULTS)}")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    setup_logging(quiet_libraries=True)
     torch.manual_seed(0)
 
     pair = list(args.pair or [args.tasks[0], args.tasks[-1]])
@@ -424,9 +400,7 @@ def main() -> None:
     lines = [
         "## Bayes vs grid vs random search for merge weights (CPU)",
         "",
-        f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores "
-        f"(load average {load_before:.2f} at start; shared machine); torch {torch.__version__}, "
-        f"Python {platform.python_version()}; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"{cpu_line(load_before)}; {versions_line('torch')}; generated {utc_stamp()} UTC "
         f"by `bench/bo_bench.py`; total {minutes:.1f} min.",
         f"Workspace `{display_path(args.workspace)}`, split `{args.split}`, stratified subset per task: "
         + ", ".join(f"{t} {n}" for t, n in sizes.items())
@@ -444,11 +418,8 @@ def main() -> None:
     for result in results:
         lines += case_lines(result) + [""]
         verdicts.append(result.goal()[0])
-    text = "\n".join(lines).rstrip() + "\n"
-    print(text)
+    publish("\n".join(lines).rstrip() + "\n", RESULTS if args.write else None)
     if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
         print(f"written to {display_path(RESULTS)}")
 
 

@@ -19,29 +19,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
-import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import mkdtemp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (RESULTS_DIR, ROOT, publish, replace_marked_block, setup_logging, utc_stamp,
+                    versions_line)
 
-import torch  # noqa: E402
+import torch
 
-from merging_core import run_merge  # noqa: E402
-from merging_core.config import EvalSubsetConfig, parse_merge_config  # noqa: E402
-from merging_core.evaluation.evaluate import EvalSession, EvaluationResult  # noqa: E402
-from merging_core.evaluation.sweep import run_sweep  # noqa: E402
-from merging_core.evaluation.workspace import load_workspace  # noqa: E402
+from merging_core import run_merge
+from merging_core.config import EvalSubsetConfig, parse_merge_config
+from merging_core.evaluation.evaluate import EvalSession, EvaluationResult
+from merging_core.evaluation.sweep import run_sweep
+from merging_core.evaluation.workspace import load_workspace
 
 TASKS = ["intent", "banking", "sentiment"]
-RESULTS = ROOT / "bench" / "results" / "demo_results.md"
+RESULTS = RESULTS_DIR / "demo_results.md"
 SELECTION = EvalSubsetConfig(max_samples=300, stratified=True, seed=0)
 TASK_VECTOR_LAMBDAS = [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2]
 
@@ -98,7 +94,7 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: temp)")
     parser.add_argument("--adamerging", action="store_true", help="add an AdaMerging row")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    setup_logging(quiet_libraries=False)
     torch.manual_seed(0)
     started = time.perf_counter()
     artifacts = args.artifacts or Path(mkdtemp(prefix="demo_results_"))
@@ -134,32 +130,21 @@ def main() -> None:
     ]
     minutes = (time.perf_counter() - started) / 60
     note = (f"Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600); "
-            f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
-            f"{platform.python_version()}; {minutes:.1f} min; generated "
-            f"{datetime.now(timezone.utc):%Y-%m-%d} by `bench/demo_results.py`.")
-    table = "\n".join(lines)
-    print(table)
-    print()
-    print(note)
+            f"CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; {minutes:.1f} min; "
+            f"generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py`.")
+    publish("\n".join(lines) + "\n\n" + note, RESULTS if args.write else None)
     if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(table + "\n\n" + note + "\n")
         record_adapter_accuracies({task: rows[i].result.tasks[task].reference for i, task in enumerate(TASKS)})
 
 
 def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-arg]
     """Rewrite the accuracy table in workspaces/demo/README.md (between its markers)."""
-    readme = ROOT / "workspaces" / "demo" / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- accuracies:start -->", "<!-- accuracies:end -->"
     lines = ["| adapter | test accuracy | macro-F1 | test examples |", "|---|---|---|---|"]
     for task, metrics in references.items():
         lines.append(f"| `{task}` adapter | {metrics.metrics['accuracy']:.4f} | "
                      f"{metrics.metrics['macro_f1']:.4f} | {metrics.num_samples} |")
-    block = start + "\n" + "\n".join(lines) + "\n" + end
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    readme.write_text(head + block + tail)
+    replace_marked_block(ROOT / "workspaces" / "demo" / "README.md", "<!-- accuracies:start -->",
+                         "<!-- accuracies:end -->", lines)
 
 
 def adamerging_row(session: EvalSession) -> Row:

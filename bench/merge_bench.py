@@ -48,28 +48,31 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (
+    MB,
+    RESULTS_DIR,
+    ROOT,
+    cpu_name,
+    display_path,
+    measure_peak,
+    publish,
+    versions_line,
+)
 
-import torch  # noqa: E402
+import torch
+from merging_core.runtime.memory import release_freed_memory_promptly
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from merging_core.runtime.memory import release_freed_memory_promptly  # noqa: E402
-
-RESULTS_FILE = REPO_ROOT / "bench" / "results" / "merge_bench_cpu.md"
+RESULTS_FILE = RESULTS_DIR / "merge_bench_cpu.md"
 RESULT_PREFIX = "MERGE_BENCH_RESULT "
 
 HIDDEN = 2048
@@ -91,76 +94,6 @@ REFERENCE_LAYERS = 2  # memory goal: dense deltas of this many layers + the adap
 
 GOAL_DENSE_SPEEDUP = 5.0
 GOAL_SAVE_SPEEDUP = 3.0
-
-MB = 1024 * 1024
-
-
-# --------------------------------------------------------------------------------------------
-# Peak memory
-# --------------------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-    """A `kB` field of /proc/self/status (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak RSS (VmHWM) of this process; False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
-@dataclass
-class PeakMemory:
-    baseline_bytes: int = 0
-    peak_bytes: int = 0
-    source: str = ""
-
-    @property
-    def added_bytes(self) -> int:
-        return max(self.peak_bytes - self.baseline_bytes, 0)
-
-
-@contextmanager
-def measure_peak() -> Iterator[PeakMemory]:
-    """Peak RSS above the RSS at entry: the kernel's VmHWM after a reset, else a 2 ms sampler."""
-    gc.collect()
-    result = PeakMemory(baseline_bytes=_rss_bytes())
-    if _reset_peak_rss():
-        result.source = "VmHWM"
-        yield result
-        result.peak_bytes = _status_kb("VmHWM") * 1024
-        return
-    result.source = "sampled every 2 ms"
-    peak = [result.baseline_bytes]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            stop.wait(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
-        result.peak_bytes = max(peak[0], _rss_bytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +354,7 @@ def run_case_in_subprocess(
     if flush_denormal:
         command.append("--flush-denormal")
     completed = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ}
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ}
     )
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
@@ -436,23 +369,9 @@ def run_case_in_subprocess(
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def header_lines(
     layers: int, inputs: Inputs, threads: int | None, flush_denormal: bool
 ) -> list[str]:
-    import peft
-    import transformers
-
     torch_threads = threads if threads is not None else torch.get_num_threads()
     return [
         "# Merge benchmark (CPU, float32)",
@@ -462,9 +381,8 @@ def header_lines(
         f"- Adapters: {len(ADAPTER_NAMES)}, LoRA r={LORA_RANK} (alpha {LORA_ALPHA}) on "
         f"{', '.join(TARGET_MODULES)}: {inputs.modules} modules each, "
         f"{inputs.adapters_bytes / MB:.1f} MB in all",
-        f"- torch {torch.__version__}, peft {peft.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}",
-        f"- CPU: {_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch_threads}, "
+        f"- {versions_line('torch', 'peft', 'transformers')}",
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch_threads}, "
         f"flush denormals {'on' if flush_denormal else 'off (torch default)'}",
         "- peft's SVD variants call `torch.linalg.svd` (full_matrices=True, their default); "
         f"ours `ties` save uses `torch.svd_lowrank` at rank {SAVE_RANK} and measures its error.",
@@ -612,11 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(result)
     header = header_lines(layers, inputs, args.threads, args.flush_denormal)
     text = "\n".join(header + [""] + report_lines(results, inputs))
-    print(text)
+    publish(text, RESULTS_FILE if args.write else None)
     if args.write:
-        RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_FILE.write_text(text + "\n")
-        print(f"written to {RESULTS_FILE.relative_to(REPO_ROOT)}", file=sys.stderr)
+        print(f"written to {display_path(RESULTS_FILE)}", file=sys.stderr)
     return 0
 
 

@@ -44,33 +44,30 @@ import argparse
 import gc
 import logging
 import os
-import platform
 import statistics
-import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (RESULTS_DIR, ROOT, cpu_line, display_path, publish, setup_logging, utc_stamp,
+                    versions_line)
+
+import torch
+from torch import nn
+
+from merging_core.config import EvalSubsetConfig, parse_merge_config
+from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.sweep import Trial, run_sweep
+from merging_core.evaluation.workspace import load_workspace
+
+# The tokenizers library reads this when it tokenises, not at import, so here is in time.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from merging_core.config import EvalSubsetConfig, parse_merge_config  # noqa: E402
-from merging_core.evaluation.evaluate import EvalSession  # noqa: E402
-from merging_core.evaluation.sweep import Trial, run_sweep  # noqa: E402
-from merging_core.evaluation.workspace import load_workspace  # noqa: E402
-
 DEMO_WORKSPACE = ROOT / "workspaces" / "demo" / "workspace.yaml"
-RESULTS_DIR = ROOT / "bench" / "results"  # sweep_bench_<cpu|cuda>.md
 DEVICE = torch.device("cpu")  # --device; both sides use it
 WARMUP_LAMBDA = 0.5
 OVERHEAD_GOAL = 0.10  # our overhead / our trial time
@@ -369,31 +366,6 @@ def run_baseline(session: EvalSession, tasks: Sequence[str], lambdas: Sequence[f
 # ---------------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> str:
-    import peft
-    import transformers
-
-    return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"peft {peft.__version__}, Python {platform.python_version()}")
-
-
-def display_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 def table(ours: SideResult, base: SideResult) -> list[str]:
     def row(label: str, value: Callable[[SideResult], float], fmt: str, higher_is_better: bool = False) -> str:
         a, b = value(ours), value(base)
@@ -424,12 +396,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true",
                         help="write bench/results/sweep_bench_<cpu|cuda>.md")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    warnings.filterwarnings("ignore")  # PEFT's ignore_mismatched_sizes notes, deprecations
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    setup_logging(quiet_libraries=True)
     torch.manual_seed(0)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -455,9 +422,8 @@ def main() -> None:
         f"## Sweep trial overhead: EvalSession sweep vs reload-per-trial PEFT script ({DEVICE.type.upper()})",
         "",
         *([f"GPU: {torch.cuda.get_device_name(DEVICE)}."] if DEVICE.type == "cuda" else []),
-        f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores "
-        f"(load average {load_before:.2f} at start; shared machine); {versions()}; generated "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `bench/sweep_bench.py`.",
+        f"{cpu_line(load_before)}; {versions_line('torch', 'transformers', 'peft')}; generated "
+        f"{utc_stamp()} UTC by `bench/sweep_bench.py`.",
         f"Workspace `{display_path(args.workspace)}`, adapters/eval tasks {', '.join(args.tasks)}, "
         f"weighted_delta, split `{args.split}`, stratified subset per task: "
         + ", ".join(f"{t} {n}" for t, n in sizes.items())
@@ -493,11 +459,8 @@ def main() -> None:
         f"e.g. on a GPU, where forward passes are fast and loading from disk is not "
         f"(`--device cuda`).",
     ]
-    text = "\n".join(lines)
-    print(text)
+    publish("\n".join(lines), results if args.write else None)
     if args.write:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(text + "\n")
         print(f"\nwritten to {display_path(results)}")
 
 
