@@ -24,7 +24,8 @@ from app.db import (
     utcnow,
 )
 from app.errors import Conflict, InvalidRequest, NotFound
-from merging_core.evaluation.index import read_index
+from merging_core.runtime.index import read_index
+from merging_core.runtime.paths import index_files
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def reindex(session: Session, *, artifacts_dir: Path) -> int:
     session.execute(delete(EvalTaskResult))
     session.execute(delete(EvalEntry))
     seen: set[str] = set()
-    for index_path in sorted(Path(artifacts_dir).glob("merged/*/*/eval/index.json")):
+    for index_path in index_files(artifacts_dir):
         for entry in read_index(index_path):
             if entry["id"] not in seen:
                 seen.add(entry["id"])

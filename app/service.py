@@ -17,6 +17,7 @@ from app import crud
 from app.db import make_engine, make_session_factory, upgrade_database
 from app.settings import Settings
 from app.worker import Executor, InProcessExecutor, JobRunner, recover
+from merging_core.adapters import AdapterCache
 from merging_core.evaluation.evaluate import EvalSession
 from merging_core.runtime.memory import release_freed_memory_promptly
 from merging_core.evaluation.workspace import Workspace, load_workspace
@@ -35,6 +36,8 @@ class Service:
         self.db: sessionmaker = make_session_factory(self.engine)
         self.db_read: sessionmaker = make_session_factory(self.engine, read_only=True)
         self.workspace: Workspace = load_workspace(settings.workspace)
+        # Validation plans requests against adapters loaded here, not in the model's session.
+        self.adapter_cache = AdapterCache()
         self.evaluator: EvalSession | None = None
         self.executor: Executor | None = None
         self.load_error: str | None = None

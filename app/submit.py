@@ -1,4 +1,5 @@
-"""Validate a job request completely, then queue it (or return the job an Idempotency-Key names).
+"""Validate a job request completely by planning it, then queue the job with its plan (or return
+the job an Idempotency-Key names).
 
 Paths in a request (adapter directories, warm-start sweeps) must lie inside the allowed roots;
 they are resolved (following `..` and symlinks) and checked before anything is opened.
@@ -14,13 +15,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import crud
-from app.db import JobKind
-from app.db import Job
+from app.db import Job, JobKind
 from app.errors import Forbidden, InvalidRequest, QueueFull
 from app.service import Service
+from app.worker import plan_job
 from merging_core.config import MergeConfig
-from merging_core.engine.runner import prepare_merge
-from merging_core.evaluation.sweep import Sweep
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -55,23 +54,6 @@ def check_paths(service: Service, config: MergeConfig) -> None:
             raise Forbidden(f"warm_start_sweeps entry {source!r} is outside the allowed roots")
 
 
-def validate(service: Service, kind: JobKind, config: MergeConfig) -> None:
-    """Everything a worker would refuse, refused now (422 naming the problem)."""
-    assert service.evaluator is not None
-    if kind is JobKind.SWEEP:
-        if config.search is None:
-            raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")
-        Sweep(config, service.evaluator)
-        return
-    prepare_merge(config, task_registry=service.workspace.task_registry(),
-                  adapter_cache=service.evaluator.adapter_cache)
-    for task in config.eval_tasks or []:
-        service.workspace.task(task)
-    if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in service.workspace.tasks
-                                                                 for a in config.adapters)):
-        raise InvalidRequest("eval_tasks: nothing to evaluate; name the tasks to evaluate on")
-
-
 def request_body(config: MergeConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude_unset=True)
 
@@ -95,7 +77,9 @@ def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key
     if existing is not None:
         return existing, False
     check_paths(service, config)
-    validate(service, kind, config)
+    # Everything a worker would refuse is refused here (422 naming the problem), by planning:
+    # the plan loads and checks the adapters but computes nothing and touches no model.
+    plan = plan_job(kind, config, service.workspace, service.adapter_cache)
     with service.db() as db:  # BEGIN IMMEDIATE: the check below and the insert are one step
         existing = _replayed(db, idempotency_key, digest)  # a concurrent twin got there first
         if existing is not None:
@@ -105,5 +89,5 @@ def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key
         job = crud.create_job(db, kind=kind, request=body, request_hash=digest,
                               idempotency_key=idempotency_key)
     assert service.executor is not None
-    service.executor.submit(job.id)
+    service.executor.submit(job.id, plan)
     return job, True

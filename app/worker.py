@@ -21,62 +21,85 @@ from sqlalchemy.orm import sessionmaker
 
 from app import crud
 from app.db import JobKind, JobStatus
-from app.errors import error_payload
-from merging_core.config import parse_merge_config
-from merging_core.engine.runner import prepare_merge, run_merge
+from app.errors import InvalidRequest, error_payload
+from merging_core.adapters import AdapterCache
+from merging_core.config import MergeConfig, parse_merge_config
+from merging_core.engine.plan import MergePlan, plan_merge
+from merging_core.engine.runner import execute, load_merge
 from merging_core.errors import Cancelled
-from merging_core.evaluation.cancel import CancelToken
 from merging_core.evaluation.evaluate import EvalSession
-from merging_core.evaluation.sweep import Sweep, Trial
+from merging_core.evaluation.workspace import Workspace
+from merging_core.runtime.cancel import CancelToken
+from merging_core.search import Sweep, SweepPlan, Trial, plan_sweep
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25
 
+JobPlan = MergePlan | SweepPlan
+
+
+def plan_job(kind: JobKind, config: MergeConfig, workspace: Workspace,
+             adapter_cache: AdapterCache | None = None) -> JobPlan:
+    """Everything a worker would refuse, refused now, without computing anything: the plan a
+    worker executes (the service validates with it; a restarted worker re-plans with it)."""
+    if kind is JobKind.SWEEP:
+        if config.search is None:
+            raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")
+        return plan_sweep(config, workspace, adapter_cache=adapter_cache)
+    plan = plan_merge(config, workspace.task_registry(), adapter_cache=adapter_cache,
+                      task_evaluators={name: task.evaluator for name, task in workspace.tasks.items()})
+    for task in config.eval_tasks or []:
+        workspace.task(task)  # unknown task -> ConfigError naming the known ones
+    if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in workspace.tasks
+                                                                 for a in config.adapters)):
+        raise InvalidRequest("eval_tasks: nothing to evaluate; name the tasks to evaluate on")
+    return plan
+
 
 class Executor(Protocol):
     def start(self) -> None: ...
 
-    def submit(self, job_id: str) -> None: ...
+    def submit(self, job_id: str, plan: JobPlan | None = None) -> None: ...
 
     def cancel(self, job_id: str) -> None: ...
 
     def stop(self) -> None: ...
 
 
-class JobRunner:
-    """Runs jobs on one EvalSession (one resident model)."""
+class ProgressWriter:
+    """A job's progress callback: writes the database at most every PROGRESS_INTERVAL_S, except
+    for the last step and for a new best point. Built once per job."""
 
-    def __init__(self, session: EvalSession, db: sessionmaker) -> None:
-        self.session = session
+    def __init__(self, db: sessionmaker, job_id: str) -> None:
+        self.db, self.job_id = db, job_id
+        self.last = float("-inf")
+
+    def __call__(self, done: int, total: int, message: str, extra: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_INTERVAL_S and done < total and "best" not in extra:
+            return
+        self.last = now
+        with self.db() as db:
+            crud.update_progress(db, job_id=self.job_id, done=done, total=total, message=message,
+                                 best=extra.get("best"))
+
+
+class JobRunner:
+    """Runs planned jobs on one EvalSession (one resident model)."""
+
+    def __init__(self, evaluator: EvalSession, db: sessionmaker) -> None:
+        self.evaluator = evaluator
         self.db = db
         self.tokens: dict[str, CancelToken] = {}
 
-    # --- progress ----------------------------------------------------------------------------
-
-    def _progress(self, job_id: str) -> Any:
-        last = {"at": 0.0}
-
-        def report(done: int, total: int, message: str, extra: dict[str, Any]) -> None:
-            now = time.monotonic()
-            if now - last["at"] < PROGRESS_INTERVAL_S and done < total and "best" not in extra:
-                return
-            last["at"] = now
-            with self.db() as db:
-                crud.update_progress(db, job_id=job_id, done=done, total=total, message=message,
-                                     best=extra.get("best"))
-
-        return report
-
     # --- the kinds ---------------------------------------------------------------------------
 
-    def _merge(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
-        config = parse_merge_config(request)
-        workspace = self.session.workspace
-        result = run_merge(config, task_registry=workspace.task_registry(),
-                           artifacts_dir=self.session.root, session=self.session, cancel=cancel,
-                           progress=lambda done, total, message: self._progress(job_id)(
-                               done, total, message, {}))
+    def _merge(self, job_id: str, plan: MergePlan, cancel: CancelToken,
+               progress: ProgressWriter) -> dict[str, Any]:
+        config = plan.config
+        result = execute(plan, self.evaluator, artifacts_dir=self.evaluator.root, cancel=cancel,
+                         progress=progress)
         with self.db() as db:
             crud.update_progress(db, job_id=job_id, done=0, total=1, message="merged",
                                  run_dir=str(result.run_dir))
@@ -88,29 +111,30 @@ class JobRunner:
             "num_modules": len(result.output.modules),
             "left_out": result.output.left_out,
         }
+        if result.output.optimizer_summary:
+            summary["optimizer"] = {"name": plan.optimizer.name, **result.output.optimizer_summary}
         if config.eval_tasks:
-            evaluation = self.session.evaluate_merge(
+            evaluation = self.evaluator.evaluate_merge(
                 result.output, merge_tag=result.merge_tag, tasks=config.eval_tasks,
                 split=config.split, subset=config.eval_subset, run_dir=result.run_dir,
-                record={"job_id": job_id}, cancel=cancel, progress=self._progress(job_id),
+                record={"job_id": job_id}, cancel=cancel, progress=progress,
             )
             summary["evaluation"] = evaluation.to_dict()
         return summary
 
-    def _evaluate(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
-        config = parse_merge_config(request)
-        output = prepare_merge(config, task_registry=self.session.workspace.task_registry(),
-                               adapter_cache=self.session.adapter_cache, session=self.session,
-                               cancel=cancel)
-        evaluation = self.session.evaluate_merge(
+    def _evaluate(self, job_id: str, plan: MergePlan, cancel: CancelToken,
+                  progress: ProgressWriter) -> dict[str, Any]:
+        config = plan.config
+        output = load_merge(plan, session=self.evaluator, cancel=cancel, progress=progress)
+        evaluation = self.evaluator.evaluate_merge(
             output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
-            subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel,
-            progress=self._progress(job_id),
+            subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel, progress=progress,
         )
         return evaluation.to_dict()
 
-    def _sweep(self, job_id: str, request: dict[str, Any], cancel: CancelToken) -> dict[str, Any]:
-        sweep = Sweep(parse_merge_config(request), self.session)
+    def _sweep(self, job_id: str, plan: SweepPlan, cancel: CancelToken,
+               progress: ProgressWriter) -> dict[str, Any]:
+        sweep = Sweep(plan, self.evaluator)
         with self.db() as db:
             crud.update_progress(db, job_id=job_id, done=0, total=sweep.total, message="starting",
                                  sweep_id=sweep.sweep_id)
@@ -119,7 +143,7 @@ class JobRunner:
             with self.db() as db:
                 crud.record_trial(db, job_id=job_id, sweep_id=sweep.sweep_id, trial=trial.to_dict())
 
-        result = sweep.run(cancel=cancel, progress=self._progress(job_id), on_trial=on_trial)
+        result = sweep.run(cancel=cancel, progress=progress, on_trial=on_trial)
         best = result.best
         return {
             "sweep_id": result.sweep_id,
@@ -133,7 +157,9 @@ class JobRunner:
 
     # --- the one place where a running job ends ----------------------------------------------
 
-    def execute(self, job_id: str) -> None:
+    def execute(self, job_id: str, plan: JobPlan | None = None) -> None:
+        """Run a queued job. `plan` is the one the service validated with; without it (after a
+        restart) the job is re-planned from its stored request."""
         with self.db() as db:
             job = crud.get_job(db, job_id=job_id)
             if job.status != JobStatus.QUEUED.value:
@@ -146,9 +172,12 @@ class JobRunner:
             cancel.cancel()
         final, fields = JobStatus.FAILED, {}
         try:
+            if plan is None:
+                plan = plan_job(kind, parse_merge_config(request), self.evaluator.workspace,
+                                self.evaluator.adapter_cache)
             handler = {JobKind.MERGE: self._merge, JobKind.EVALUATE: self._evaluate,
                        JobKind.SWEEP: self._sweep}[kind]
-            result = handler(job_id, request, cancel)
+            result = handler(job_id, plan, cancel, ProgressWriter(self.db, job_id))
             final, fields = JobStatus.SUCCEEDED, {"result": result, "progress_message": "done"}
         except Cancelled:
             final, fields = JobStatus.CANCELLED, {"progress_message": "cancelled; weights restored"}
@@ -157,9 +186,9 @@ class JobRunner:
             final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}
         finally:
             self.tokens.pop(job_id, None)
-            if not self.session.holder.is_pristine:  # defensive: the holder restores on exit
+            if not self.evaluator.holder.is_pristine:  # defensive: the holder restores on exit
                 log.error("job %s left weights applied; restoring", job_id)
-                self.session.holder.restore()
+                self.evaluator.holder.restore()
             with self.db() as db:
                 crud.transition(db, job_id=job_id, status=final, **fields)
 
@@ -177,14 +206,14 @@ class InProcessExecutor:
 
     def __init__(self, runner: JobRunner) -> None:
         self.runner = runner
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, JobPlan | None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="lora-merge-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job_id: str) -> None:
-        self._queue.put(job_id)
+    def submit(self, job_id: str, plan: JobPlan | None = None) -> None:
+        self._queue.put((job_id, plan))
 
     def cancel(self, job_id: str) -> None:
         self.runner.cancel(job_id)
@@ -195,11 +224,12 @@ class InProcessExecutor:
 
     def _loop(self) -> None:
         while True:
-            job_id = self._queue.get()
-            if job_id is None:
+            item = self._queue.get()
+            if item is None:
                 return
+            job_id, plan = item
             try:
-                self.runner.execute(job_id)
+                self.runner.execute(job_id, plan)
             except Exception:  # noqa: BLE001 - the worker thread must survive anything
                 log.exception("worker error on job %s", job_id)
 

@@ -76,7 +76,7 @@ def run_case(workspace: Path, tasks: list[str], impl: str, steps: int, batch_siz
     from merging_core import prepare_merge
     from merging_core.evaluation.evaluate import EvalSession
     from merging_core.evaluation.workspace import load_workspace
-    from merging_core.plugins.adamerging import AdaMergingTrainer, frozen
+    from merging_core.plugins.adamerging import AdaMergingTrainer
     from merging_core.plugins.optimizers import build_optimizer
 
     session = EvalSession.from_workspace(load_workspace(workspace), tempfile.mkdtemp(), device="cpu")
@@ -97,7 +97,7 @@ def run_case(workspace: Path, tasks: list[str], impl: str, steps: int, batch_siz
     baseline = rss_bytes() / MB
     times = []
     # Sampled above `baseline` (the loaded model): ru_maxrss would include the load.
-    with frozen(session.holder.model), PeakRssSampler(interval_s=0.005) as sampler:
+    with session.holder.frozen(), PeakRssSampler(interval_s=0.005) as sampler:
         trainer.step()  # warm-up
         for _ in range(steps):
             started = time.perf_counter()

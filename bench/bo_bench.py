@@ -62,9 +62,9 @@ from merging_core.config import EvalSubsetConfig, parse_merge_config
 from merging_core.engine.merge import MergeOutput
 from merging_core.engine.runner import prepare_merge
 from merging_core.errors import Cancelled
-from merging_core.evaluation.cancel import CancelToken
+from merging_core.runtime.cancel import CancelToken
 from merging_core.evaluation.evaluate import EvalSession, EvaluationResult, subset_namespace
-from merging_core.evaluation.sweep import Trial, run_sweep
+from merging_core.search import Trial, run_sweep
 from merging_core.evaluation.workspace import load_workspace
 from merging_core.methods.weighted_delta import coefficients
 

@@ -33,7 +33,7 @@ import torch
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig, parse_merge_config
 from merging_core.evaluation.evaluate import EvalSession, EvaluationResult
-from merging_core.evaluation.sweep import run_sweep
+from merging_core.search import run_sweep
 from merging_core.evaluation.workspace import load_workspace
 
 TASKS = ["intent", "banking", "sentiment"]

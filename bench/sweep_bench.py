@@ -61,7 +61,7 @@ from torch import nn
 
 from merging_core.config import EvalSubsetConfig, parse_merge_config
 from merging_core.evaluation.evaluate import EvalSession
-from merging_core.evaluation.sweep import Trial, run_sweep
+from merging_core.search import Trial, run_sweep
 from merging_core.evaluation.workspace import load_workspace
 
 # The tokenizers library reads this when it tokenises, not at import, so here is in time.

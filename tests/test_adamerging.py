@@ -9,8 +9,8 @@ import torch
 
 from merging_core import prepare_merge, run_merge
 from merging_core.errors import Cancelled, ParamError
-from merging_core.evaluation.cancel import CancelToken
-from merging_core.plugins.adamerging import AdaMergingTrainer, frozen
+from merging_core.runtime.cancel import CancelToken
+from merging_core.plugins.adamerging import AdaMergingTrainer
 from merging_core.plugins.optimizers import build_optimizer
 
 
@@ -37,7 +37,7 @@ def test_both_merge_impls_give_the_same_loss_and_gradients(session) -> None:
         trainer.lambdas.values.copy_(torch.tensor([[0.2, 0.7], [0.9, 0.4]]))
     batches = {task: trainer.batch(task) for task in trainer.tasks}
     results = {}
-    with frozen(session.holder.model):
+    with session.holder.frozen():
         for impl in ("streaming_parametrize", "functional_clone_legacy"):
             trainer.lambdas.values.grad = None
             loss = trainer.loss(batches, impl)
@@ -54,7 +54,7 @@ def test_cpu_stream_and_gpu_cache_agree(session) -> None:
     for residency in ("cpu_stream", "gpu_cache"):  # gpu_cache stays on the CPU without CUDA
         trainer = _trainer(session, delta_residency=residency)
         batches = {task: trainer.batch(task) for task in trainer.tasks}
-        with frozen(session.holder.model):
+        with session.holder.frozen():
             loss = trainer.loss(batches)
             loss.backward()
         losses.append(float(loss.detach()))
@@ -95,7 +95,7 @@ def test_cancelled_run_leaves_weights_identical(session) -> None:
              "optimizer": {"name": "adamerging", "params": {"steps": 50, "batch_size": 6}}},
             task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
             session=session, cancel=cancel,
-            progress=lambda done, total, message: cancel.cancel() if done >= 2 else None,
+            progress=lambda done, total, message, extra: cancel.cancel() if done >= 2 else None,
         )
     assert _same(before, session.holder.weights_fingerprint())
     assert not list(session.root.rglob("run_*"))

@@ -10,7 +10,7 @@ import pytest
 from merging_core import run_merge
 from merging_core.config import parse_merge_config
 from merging_core.evaluation.evaluate import EvalSession
-from merging_core.evaluation.sweep import run_sweep
+from merging_core.search import run_sweep
 from merging_core.evaluation.workspace import load_workspace
 
 DEMO = Path(__file__).resolve().parents[1] / "workspaces" / "demo" / "workspace.yaml"

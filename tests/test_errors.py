@@ -178,7 +178,7 @@ def test_a_failure_while_saving_leaves_no_run_directory(two, tmp_path) -> None:
     artifacts = tmp_path / "artifacts"
     seen: list[str] = []
 
-    def progress(done: int, total: int, message: str) -> None:
+    def progress(done: int, total: int, message: str, extra: dict) -> None:
         seen.append(message)
         if message.startswith("saved") and done >= 2:
             assert list(artifacts.rglob(".tmp_run_*")) and list(artifacts.rglob("run_*"))

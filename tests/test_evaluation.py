@@ -15,10 +15,10 @@ import yaml
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig
 from merging_core.errors import Cancelled, ConfigError, EvaluationError
-from merging_core.evaluation.cancel import CancelToken
+from merging_core.runtime.cancel import CancelToken
 from merging_core.evaluation.evaluate import EvalSession, interference_delta, normalized_score
 from merging_core.evaluation.evaluators import classification_metrics
-from merging_core.evaluation.index import read_index, update_results_index
+from merging_core.runtime.index import read_index, update_results_index
 from merging_core.evaluation.workspace import load_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +162,7 @@ def test_classification_metrics_per_class_and_macro_f1() -> None:
 
 
 def test_missing_head_is_a_clear_error(session) -> None:
-    from merging_core.adapters import load_adapter
-
-    adapter = load_adapter(session.workspace.adapter_path("topic"), "topic")
-    adapter.heads.clear()
-    session.adapter_cache[f"topic::{session.workspace.adapter_path('topic').resolve()}"] = adapter
+    session.adapter("topic").heads.clear()  # this session's cached copy only
     with pytest.raises(EvaluationError, match="no classification head"):
         session.head("topic")
 
@@ -218,7 +214,7 @@ APPEND_SCRIPT = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from merging_core.evaluation.index import update_results_index
+    from merging_core.runtime.index import update_results_index
     for i in range(int(sys.argv[3])):
         update_results_index(Path(sys.argv[1]), {"id": f"{sys.argv[2]}-{i}", "value": i})
     """

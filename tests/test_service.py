@@ -15,7 +15,7 @@ import torch
 
 from app.settings import Settings
 from merging_core.evaluation.holder import ModelHolder
-from merging_core.evaluation.index import read_index
+from merging_core.runtime.index import read_index
 from tests.service_helpers import free_port, start_process_server, thread_server, wait_job, wait_ready
 
 MERGE = {"adapters": ["topic", "mood"], "method": "ties", "eval_tasks": ["topic", "mood"],

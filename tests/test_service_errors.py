@@ -154,7 +154,7 @@ class _Parked:
     def __init__(self) -> None:
         self.jobs: list[str] = []
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, plan: object = None) -> None:
         self.jobs.append(job_id)
 
     def cancel(self, job_id: str) -> None:

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 import app.service as app_service
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
-from merging_core.evaluation.index import read_index
+from merging_core.runtime.index import read_index
 from tests.service_helpers import thread_server, wait_job
 
 PAIR = ["topic", "mood"]

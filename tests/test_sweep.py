@@ -15,9 +15,9 @@ import pytest
 
 from merging_core.config import parse_merge_config
 from merging_core.errors import Cancelled, ConfigError, ParamError
-from merging_core.evaluation.cancel import CancelToken
-from merging_core.evaluation.index import read_index
-from merging_core.evaluation.sweep import Sweep, run_sweep
+from merging_core.runtime.cancel import CancelToken
+from merging_core.runtime.index import read_index
+from merging_core.search import plan_sweep, run_sweep
 
 
 def _config(**search):  # type: ignore[no-untyped-def]
@@ -79,9 +79,10 @@ def test_per_layer_space(tiny_session_factory, tmp_path) -> None:
 def test_bad_sweeps_fail_before_any_trial(tiny_session_factory, tmp_path) -> None:
     session = tiny_session_factory(tmp_path)
     with pytest.raises(ParamError, match="search.space.density: method 'weighted_delta' has no such"):
-        Sweep(_config(space={"density": {"min": 0.1, "max": 0.9}}), session)
+        plan_sweep(_config(space={"density": {"min": 0.1, "max": 0.9}}), session.workspace)
     with pytest.raises(ConfigError, match="unknown task 'asr'"):
-        Sweep(parse_merge_config({**_config().model_dump(exclude_unset=True), "eval_tasks": ["asr"]}), session)
+        plan_sweep(parse_merge_config({**_config().model_dump(exclude_unset=True), "eval_tasks": ["asr"]}),
+                   session.workspace)
     assert not (tmp_path / "merged").exists()
 
 
@@ -138,7 +139,7 @@ SWEEP_SCRIPT = textwrap.dedent(
     import sys, time
     from merging_core.config import parse_merge_config
     from merging_core.evaluation.evaluate import EvalSession
-    from merging_core.evaluation.sweep import run_sweep
+    from merging_core.search import run_sweep
     from merging_core.evaluation.workspace import load_workspace
     config = parse_merge_config({
         "adapters": ["topic", "mood"], "method": "weighted_delta",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from merging_core.config import parse_merge_config
-from merging_core.evaluation.sweep import SweepResult, run_sweep
+from merging_core.search import SweepResult, run_sweep
 
 SUBSET = {"max_samples": 8}
 

@@ -1,6 +1,7 @@
 """Resolve, load and validate PEFT LoRA adapters."""
 
 from merging_core.adapters.loading import (
+    AdapterCache,
     LoraAdapter,
     LoraModule,
     check_compatible,
@@ -11,6 +12,7 @@ from merging_core.adapters.loading import (
 )
 
 __all__ = [
+    "AdapterCache",
     "LoraAdapter",
     "LoraModule",
     "check_compatible",

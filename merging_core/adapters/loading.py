@@ -290,6 +290,24 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     )
 
 
+class AdapterCache:
+    """Loaded adapters by (name, resolved directory), so sweeps, plans and sessions load each
+    adapter once. Adapters are small next to a base model (LoRA factors and heads)."""
+
+    def __init__(self) -> None:
+        self._adapters: dict[tuple[str, Path], LoraAdapter] = {}
+
+    def load(self, name: str, path: str | Path) -> LoraAdapter:
+        key = (name, Path(path).resolve())
+        adapter = self._adapters.get(key)
+        if adapter is None:
+            adapter = self._adapters[key] = load_adapter(path, name)
+        return adapter
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+
 def _model_id(name: str | None) -> str | None:
     # A local path and a hub id of the same model share the last component.
     return Path(name.rstrip("/")).name if name else None

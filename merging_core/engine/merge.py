@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from merging_core.adapters import LoraAdapter, LoraModule, layer_index
-from merging_core.engine.registry import MergeMethod
+from merging_core.engine.registry import MergeMethod, get_method
 from merging_core.params import Params
 from merging_core.plugins.transforms import Transform
 from merging_core.policies import LambdaPolicy
@@ -91,6 +91,12 @@ class MergeOutput:
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "none", "params": {}})
     optimizer_artifacts: dict[str, Any] = field(default_factory=dict)
     optimizer_summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def single(cls, adapter: LoraAdapter) -> MergeOutput:
+        """One adapter as a merge of one: its delta exactly (task_vector, lambda 1)."""
+        return cls(method=get_method("task_vector"), adapters=[adapter], modules=sorted(adapter.modules),
+                   left_out={}, params={"lambda": 1.0}, policy=LambdaPolicy())
 
     @property
     def merge_tag(self) -> str:

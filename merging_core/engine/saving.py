@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from peft import LoraConfig
 
 from merging_core.adapters.loading import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput, ModuleMerge
+from merging_core.runtime.cancel import Progress, report
 from merging_core.runtime.io import (
     StreamingSafetensorsWriter,
     atomic_save_safetensors,
@@ -118,15 +118,12 @@ def save_svd(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.T
     return low_rank(merged.dense(), save_rank)
 
 
-ProgressFn = Callable[[int, int, str], None]
-
-
 def save_merged_adapter(
     output: MergeOutput,
     out_dir: Path,
     *,
     save_rank: int,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write the merged adapter into `out_dir`; return a report for the run metadata."""
     ranks: dict[str, int] = {}
@@ -143,8 +140,7 @@ def save_merged_adapter(
             ranks[module] = int(lora_A.shape[0])
             errors[module] = error
             del planned, lora_B, lora_A
-            if progress is not None:
-                progress(done, total, f"saved {module}")
+            report(progress, done, total, f"saved {module}")
         writer.close()
     except BaseException:
         writer.abort()

@@ -1,18 +1,15 @@
-"""Evaluate merges on the resident model, compare with each task's own adapter, record results.
+"""Evaluate merges on the resident model against each task's own adapter.
 
-An `EvalSession` belongs to one worker: it owns the model holder, caches task data, heads,
-loaded adapters and reference metrics, and writes the seed's evaluation layout:
+An `EvalSession` belongs to one worker: it owns the model holder and caches task data, heads,
+loaded adapters and reference metrics. It computes `EvaluationResult`s (`evaluation.results`);
+`evaluation.writer.EvalWriter` puts them into the artifact layout. Reference and base metrics
+are caches, written here (`runtime.paths.cached_metrics_file`):
 
-    <root>/merged/<method>/<combo>/eval/<split>[/<subset>]/eval_results_<tag>_<split>.json
-    <root>/merged/<method>/<combo>/eval/<split>[/<subset>]/per_task/<task>/<task>_<tag>_metrics.json
-    <root>/merged/<method>/<combo>/eval/index.json                       (append-only)
-    <root>/<task>/metrics/eval/<split>[/<subset>]/merged/<others>/<tag>/metrics.json -> per_task file
     <root>/<task>/metrics/eval/<split>[/<subset>]/reference/metrics.json (the task's own adapter)
     <root>/<task>/metrics/eval/<split>[/<subset>]/base/metrics.json      (the base model)
 
-`interference_delta[t]` = merged - reference for higher-is-better metrics and reference - merged
-for lower-is-better ones, so positive always means the merge is better than the task's own
-adapter. `normalized[t]` = merged / reference (reference / merged when lower is better).
+The session is also what optimizers run against (`plugins.optimizer_base.OptimizerSession`):
+the holder, each task's evaluator, max length, head and unlabeled inputs.
 """
 
 from __future__ import annotations
@@ -20,113 +17,37 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merging_core.adapters import LoraAdapter
+from merging_core.adapters import AdapterCache, LoraAdapter, load_adapter
 from merging_core.config.schema import EvalSubsetConfig
 from merging_core.engine.merge import MergeOutput
-from merging_core.engine.runner import prepare_merge
 from merging_core.errors import EvaluationError
-from merging_core.evaluation.cancel import CancelToken, Progress, check, report
 from merging_core.evaluation.data import TaskData, load_task_data
 from merging_core.evaluation.evaluators import EvalContext, EvalMetrics, get_evaluator
 from merging_core.evaluation.holder import ModelHolder
-from merging_core.evaluation.index import update_results_index
-from merging_core.evaluation.subsets import subset_indices, subset_spec
+from merging_core.evaluation.results import (
+    EvaluationResult,
+    TaskResult,
+    interference_delta,
+    normalized_score,
+)
+from merging_core.evaluation.subsets import subset_indices, subset_namespace, subset_spec
 from merging_core.evaluation.workspace import Workspace
-from merging_core.runtime.io import atomic_write_json, to_jsonable
-from merging_core.runtime.paths import merged_dir, safe_component, task_combo
+from merging_core.evaluation.writer import EvalWriter, IndexListener
+from merging_core.runtime.cancel import CancelToken, Progress, check, report
+from merging_core.runtime.io import atomic_write_json
+from merging_core.runtime.paths import cached_metrics_file, subsets_dir
 
 log = logging.getLogger(__name__)
 
-
-def interference_delta(merged: float, reference: float, direction: str) -> float:
-    return merged - reference if direction == "higher" else reference - merged
-
-
-def normalized_score(merged: float, reference: float, direction: str) -> float | None:
-    numerator, denominator = (merged, reference) if direction == "higher" else (reference, merged)
-    return numerator / denominator if denominator else None
-
-
-def subset_namespace(config: EvalSubsetConfig | None) -> str | None:
-    """The directory that keeps subset results apart from full-split ones (None: full split)."""
-    if config is None or not config.enabled:
-        return None
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-    digest = hashlib.sha1(canonical.encode()).hexdigest()[:8]
-    return f"subset_n{config.max_samples or 'all'}_seed{config.seed}_{digest}"
-
-
-@dataclass
-class TaskResult:
-    task: str
-    merged: EvalMetrics
-    reference: EvalMetrics
-    base: EvalMetrics | None
-    interference_delta: float
-    normalized: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "metric": self.merged.primary_metric,
-            "direction": self.merged.direction,
-            "merged": self.merged.to_dict(),
-            "reference": self.reference.to_dict(),
-            "base": self.base.to_dict() if self.base else None,
-            "interference_delta": self.interference_delta,
-            "normalized": self.normalized,
-        }
-
-
-@dataclass
-class EvaluationResult:
-    id: str
-    merge_tag: str
-    method: str
-    adapters: list[str]
-    split: str
-    subset: str | None
-    tasks: dict[str, TaskResult]
-    results_file: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def objective(self) -> float:
-        """Max-min ranking's objective: the worst task's interference delta."""
-        return min(r.interference_delta for r in self.tasks.values())
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return {t: r.merged.primary for t, r in self.tasks.items()}
-
-    @property
-    def deltas(self) -> dict[str, float]:
-        return {t: r.interference_delta for t, r in self.tasks.items()}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "merge_tag": self.merge_tag,
-            "method": self.method,
-            "adapters": self.adapters,
-            "split": self.split,
-            "subset": self.subset,
-            "objective_min_delta": self.objective,
-            "metrics": self.metrics,
-            "interference_delta": self.deltas,
-            "tasks": {t: r.to_dict() for t, r in self.tasks.items()},
-            **self.extra,
-        }
+__all__ = ["EvalSession", "EvaluationResult", "TaskResult", "interference_delta", "normalized_score",
+           "subset_namespace"]
 
 
 class EvalSession:
@@ -138,15 +59,15 @@ class EvalSession:
         holder: ModelHolder,
         artifacts_dir: str | Path,
         *,
-        index_listener: Callable[[Path, dict[str, Any]], None] | None = None,
+        index_listener: IndexListener | None = None,
     ) -> None:
         """`index_listener(index_path, entry)` is called after each index append (e.g. to
         mirror the index into a database)."""
         self.workspace = workspace
         self.holder = holder
         self.root = Path(artifacts_dir)
-        self.index_listener = index_listener
-        self.adapter_cache: dict[str, LoraAdapter] = {}
+        self.writer = EvalWriter(self.root, index_listener)
+        self.adapter_cache = AdapterCache()
         self._data: dict[tuple[str, str], TaskData] = {}
         self._labels: dict[str, list[str]] = {}
         self._cache_keys: dict[tuple[str, str, str, str | None], str] = {}
@@ -159,7 +80,7 @@ class EvalSession:
         *,
         device: str | None = None,
         dtype: str | None = None,
-        index_listener: Callable[[Path, dict[str, Any]], None] | None = None,
+        index_listener: IndexListener | None = None,
     ) -> EvalSession:
         base = workspace.spec.base_model
         holder = ModelHolder(
@@ -170,7 +91,8 @@ class EvalSession:
 
     # --- data, labels, heads ---------------------------------------------------------------
 
-    def _split_data(self, task: str, split: str) -> TaskData:
+    def split_data(self, task: str, split: str) -> TaskData:
+        """A task's split, loaded once."""
         key = (task, split)
         if key not in self._data:
             config = self.workspace.task(task)
@@ -193,30 +115,26 @@ class EvalSession:
                 self._labels[task] = []
             else:
                 source = "train" if "train" in config.data else next(iter(config.data))
-                self._labels[task] = sorted(set(self._split_data(task, source).labels or []))
+                self._labels[task] = sorted(set(self.split_data(task, source).labels or []))
         return self._labels[task]
 
     def task_data(
         self, task: str, split: str, subset: EvalSubsetConfig | None
     ) -> tuple[TaskData, str | None]:
-        data = self._split_data(task, split)
+        data = self.split_data(task, split)
         spec = subset_spec(subset, task)
         if spec is None:
             return data, None
-        indices = subset_indices(data, spec, task=task, split=split, cache_dir=self.root / "subsets")
+        indices = subset_indices(data, spec, task=task, split=split, cache_dir=subsets_dir(self.root))
         return data.select(indices), spec.tag
 
     def adapter(self, task: str) -> LoraAdapter:
-        output = self.task_output(task)
-        return output.adapters[0]
+        """Task t's own adapter (loaded once)."""
+        return self.adapter_cache.load(task, self.workspace.adapter_path(task))
 
     def task_output(self, task: str) -> MergeOutput:
         """Task t's own adapter as a merge of one (delta = its LoRA delta exactly)."""
-        return prepare_merge(
-            {"adapters": [task], "method": "task_vector"},
-            task_registry=self.workspace.task_registry(),
-            adapter_cache=self.adapter_cache,
-        )
+        return MergeOutput.single(self.adapter(task))
 
     def saved_output(self, adapter_dir: str | Path) -> tuple[MergeOutput, dict[str, Any]]:
         """A saved adapter (e.g. a run bundle) as a merge of one, plus its run metadata if any.
@@ -224,8 +142,7 @@ class EvalSession:
         It is applied through the same holder as in-memory merges: nothing reloads the base.
         """
         path = Path(adapter_dir)
-        output = prepare_merge({"adapters": [str(path)], "method": "task_vector"},
-                               adapter_cache=self.adapter_cache)
+        output = MergeOutput.single(load_adapter(path))
         metadata_file = path / "merge_metadata.json"
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
         return output, metadata
@@ -243,6 +160,21 @@ class EvalSession:
             run_dir=Path(adapter_dir) if metadata else None,
             **kwargs,
         )
+
+    # --- what optimizers see (plugins.optimizer_base.OptimizerSession) ------------------------
+
+    def evaluator_of(self, task: str) -> str:
+        return self.workspace.task(task).evaluator
+
+    def task_evaluators(self) -> dict[str, str]:
+        return {name: task.evaluator for name, task in self.workspace.tasks.items()}
+
+    def max_length(self, task: str) -> int:
+        return self.workspace.task(task).max_length
+
+    def unlabeled_texts(self, task: str, split: str) -> list[str]:
+        """A split's inputs, labels unused."""
+        return list(self.split_data(task, split).texts)
 
     def head(self, task: str) -> dict[str, torch.Tensor]:
         heads = self.adapter(task).heads
@@ -299,8 +231,7 @@ class EvalSession:
         output: MergeOutput | None, cancel: CancelToken | None,
     ) -> EvalMetrics:
         namespace = subset_namespace(subset)
-        directory = self.root / safe_component(task) / "metrics" / "eval" / split
-        path = (directory / namespace if namespace else directory) / kind / "metrics.json"
+        path = cached_metrics_file(self.root, task, split, namespace, kind)
         if path.is_file():
             cached = json.loads(path.read_text())
             if cached.get("key") == key:
@@ -357,7 +288,9 @@ class EvalSession:
         progress: Progress | None = None,
     ) -> EvaluationResult:
         """Evaluate a merge on `tasks` (default: the merged adapters that are workspace tasks),
-        compute interference against each task's own adapter, and write every output.
+        and compute interference against each task's own adapter. With `write` (default) the
+        session's `EvalWriter` files the result (`run_dir` gets a copy); without it, nothing
+        is written but the reference/base caches, and the caller writes the result.
 
         `layout` = (method, adapter names) files the results under another merge's directory
         (used for saved adapters)."""
@@ -391,56 +324,10 @@ class EvalSession:
             split=split,
             subset=subset_namespace(subset),
             tasks=results,
+            params=dict(output.params),
+            lambda_policy=output.policy.describe(output.params.get("lambda")),
             extra=dict(record or {}),
         )
         if write:
-            self._write(output, result, run_dir)
+            self.writer.write(result, run_dir)
         return result
-
-    def _write(self, output: MergeOutput, result: EvaluationResult, run_dir: Path | None) -> None:
-        combo_dir = merged_dir(self.root, result.method, result.adapters)
-        eval_dir = combo_dir / "eval" / result.split
-        if result.subset:
-            eval_dir = eval_dir / result.subset
-        tag = safe_component(result.merge_tag)
-        payload = {**result.to_dict(), "created_at": datetime.now(timezone.utc).isoformat(),
-                   "params": output.params, "lambda_policy": output.policy.describe(output.params.get("lambda"))}
-        results_file = eval_dir / f"eval_results_{tag}_{result.split}.json"
-        atomic_write_json(results_file, payload)
-        result.results_file = results_file
-        if run_dir is not None:
-            atomic_write_json(Path(run_dir) / f"eval_results_{result.split}.json", payload)
-        for task, task_result in result.tasks.items():
-            per_task = eval_dir / "per_task" / task / f"{task}_{tag}_metrics.json"
-            atomic_write_json(per_task, task_result.to_dict())
-            others = [a for a in result.adapters if a != task] or [task]
-            link_dir = self.root / safe_component(task) / "metrics" / "eval" / result.split
-            if result.subset:
-                link_dir = link_dir / result.subset
-            link = link_dir / "merged" / task_combo(others) / tag / "metrics.json"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            temp_link = link.with_name(f".metrics.json.{uuid.uuid4().hex[:8]}")
-            os.symlink(os.path.relpath(per_task, link.parent), temp_link)
-            os.replace(temp_link, link)
-        entry = {
-            "id": result.id,
-            "created_at": payload["created_at"],
-            "method": result.method,
-            "merge_tag": result.merge_tag,
-            "adapters": result.adapters,
-            "params": to_jsonable(output.params),
-            "lambda_policy": payload["lambda_policy"],
-            "split": result.split,
-            "subset": result.subset,
-            "eval_tasks": list(result.tasks),
-            "metrics": result.metrics,
-            "interference_delta": result.deltas,
-            "objective_min_delta": result.objective,
-            "results_file": str(results_file.relative_to(self.root)),
-            "run_id": Path(run_dir).name if run_dir else None,
-            **{k: v for k, v in result.extra.items() if k in ("sweep_id", "trial", "job_id")},
-        }
-        index_path = combo_dir / "eval" / "index.json"
-        update_results_index(index_path, entry)
-        if self.index_listener is not None:
-            self.index_listener(index_path, entry)

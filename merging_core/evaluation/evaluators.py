@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from merging_core.errors import EvaluationError, UnknownMethodError
-from merging_core.evaluation.cancel import CancelToken, Progress, check, report
+from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.evaluation.data import TaskData
 from merging_core.evaluation.holder import ModelHolder
 from merging_core.evaluation.workspace import TaskConfig

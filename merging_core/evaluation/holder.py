@@ -1,8 +1,16 @@
-"""The model holder: loads the base model once and is the only code that mutates its weights.
+"""The model holder: loads the base model once and is the only code that changes it.
 
-`apply(output)` adds the merged deltas in place, module by module, after saving each touched
-weight so that `restore()` puts back the exact original bits. `applied(...)` and `head(...)` are
-context managers whose exit restores, even when evaluation raises or is cancelled.
+Every change to the resident model goes through a context manager here whose exit undoes it,
+even when the block raises or is cancelled:
+- `applied(output)`: the merged deltas added to the weights in place (`apply`/`restore` keep the
+  original bits of every touched weight);
+- `head(tensors)`: a task's own head (modules_to_save) swapped in;
+- `hooked(hooks)`: forward hooks on named modules (AdaMerging's factored deltas);
+- `frozen()`: every parameter without gradients (training touches only outside tensors);
+- `cpu_float32()`: a CPU float32 holder for the block: this holder when it already is one,
+  else a second copy loaded from the same path and released afterwards (AdaMerging's
+  `force_cpu`).
+`frozen`, `hooked` and `applied` hold the holder's lock, so no other job sees the model changed.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +27,7 @@ from torch import nn
 
 from merging_core.engine.merge import MergeOutput
 from merging_core.errors import ConfigError, EvaluationError
-from merging_core.evaluation.cancel import CancelToken, check
+from merging_core.runtime.cancel import CancelToken, check
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +215,54 @@ class ModelHolder:
                 setattr(module, attribute, original)
                 if out_features is not None:
                     module.out_features = out_features
+
+    # --- hooks, gradients, copies -------------------------------------------------------------
+
+    @contextmanager
+    def hooked(
+        self, hooks: Mapping[str, Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]]
+    ) -> Iterator[None]:
+        """Forward hooks on the named modules for the block; removed on exit."""
+        with self.lock:
+            handles = []
+            try:
+                for name, hook in hooks.items():
+                    module = self._modules.get(name)
+                    if module is None:
+                        raise EvaluationError(f"the base model has no module {name!r} to hook")
+                    handles.append(module.register_forward_hook(hook))
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every base parameter without gradients for the block (so gradients reach only the
+        tensors a trainer owns); the flags are restored on exit."""
+        with self.lock:
+            flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            try:
+                for parameter, _ in flags:
+                    parameter.requires_grad_(False)
+                yield
+            finally:
+                for parameter, flag in flags:
+                    parameter.requires_grad_(flag)
+
+    @contextmanager
+    def cpu_float32(self) -> Iterator[ModelHolder]:
+        """A CPU float32 holder for the block: this one if it already is, else a copy loaded
+        from the same path (full float32 precision, not an upcast of reduced-precision
+        weights), released on exit. The resident model is not touched."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            yield self
+            return
+        copy = ModelHolder(self.model_path, model_class=self.model_class, dtype="float32", device="cpu")
+        try:
+            yield copy
+        finally:
+            del copy
 
     def weights_fingerprint(self) -> dict[str, torch.Tensor]:
         """A copy of every parameter, for tests that check bit-identical restores."""

@@ -7,6 +7,7 @@ is rebuilt if the data changed. Results on a subset are namespaced by its tag.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -95,3 +96,12 @@ def subset_indices(
     atomic_write_json(path, {"task": task, "split": split, "tag": spec.tag, "data_checksum": checksum,
                              "indices": indices})
     return indices
+
+
+def subset_namespace(config: EvalSubsetConfig | None) -> str | None:
+    """The directory that keeps subset results apart from full-split ones (None: full split)."""
+    if config is None or not config.enabled:
+        return None
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    digest = hashlib.sha1(canonical.encode()).hexdigest()[:8]
+    return f"subset_n{config.max_samples or 'all'}_seed{config.seed}_{digest}"

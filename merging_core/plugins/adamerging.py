@@ -14,8 +14,8 @@ Two implementations, same maths:
   `gpu_cache` keeps them on the device.
 - `functional_clone_legacy`: `torch.func.functional_call` over cloned dense weights
   W0 + sum_i lambda[i, l] dW_i, as the reference implementation does; kept for comparison.
-The model's weights are never modified in place (hooks are removed and heads restored on every
-exit path, including cancellation).
+The model is changed only through its holder (`hooked`, `frozen`, `head`, `cpu_float32`), which
+undoes every change on exit, including cancellation; its weights are never modified.
 """
 
 from __future__ import annotations
@@ -24,18 +24,26 @@ import io
 import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from merging_core.adapters import LoraAdapter, layer_index
 from merging_core.errors import EvaluationError, ParamError
-from merging_core.evaluation.cancel import check, report
 from merging_core.params import ParamKind, ParamSpec, Params
-from merging_core.plugins.optimizers import OptimizerContext, OptimizerResult, OptimizerSpec
+from merging_core.plugins.optimizer_base import (
+    ForwardHook,
+    OptimizerContext,
+    OptimizerResult,
+    OptimizerSession,
+    OptimizerSpec,
+    ResidentModel,
+)
 from merging_core.policies import LambdaPolicy
+from merging_core.runtime.cancel import check, report
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +98,7 @@ class FactoredDeltas:
     then applies all adapters, and the coefficients scale a [tokens, sum r_i] tensor instead
     of one [tokens, out] term per adapter. On the CPU (`cpu_stream`) or cached on the device."""
 
-    def __init__(self, adapters: Sequence[Any], modules: Sequence[str], device: torch.device,
+    def __init__(self, adapters: Sequence[LoraAdapter], modules: Sequence[str], device: torch.device,
                  residency: str) -> None:
         self.device = device
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -112,13 +120,11 @@ class FactoredDeltas:
                 lora_B.to(self.device, dtype, non_blocking=True), owner, scaling)
 
 
-@contextmanager
-def streaming_hooks(model: nn.Module, lambdas: LayerLambdas, deltas: FactoredDeltas) -> Iterator[None]:
-    """Forward hooks adding sum_i lambda[i, l] * s_i * B_i (A_i x) to each target module."""
-    modules = dict(model.named_modules())
-    handles = []
+def streaming_hooks(lambdas: LayerLambdas, deltas: FactoredDeltas) -> dict[str, ForwardHook]:
+    """Forward hooks adding sum_i lambda[i, l] * s_i * B_i (A_i x) to each target module
+    (installed by the holder: `holder.hooked(...)`)."""
 
-    def make_hook(name: str):  # type: ignore[no-untyped-def]
+    def make_hook(name: str) -> ForwardHook:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
             x = inputs[0]
             lora_A, lora_B, owner, scaling = deltas.get(name, x.dtype)
@@ -127,16 +133,10 @@ def streaming_hooks(model: nn.Module, lambdas: LayerLambdas, deltas: FactoredDel
 
         return hook
 
-    try:
-        for name in lambdas.modules:
-            handles.append(modules[name].register_forward_hook(make_hook(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return {name: make_hook(name) for name in lambdas.modules}
 
 
-def functional_weights(model: nn.Module, lambdas: LayerLambdas, adapters: Sequence[Any],
+def functional_weights(model: nn.Module, lambdas: LayerLambdas, adapters: Sequence[LoraAdapter],
                        transpose: bool) -> dict[str, torch.Tensor]:
     """Cloned dense weights W0 + sum_i lambda[i, l] dW_i (the legacy path)."""
     modules = dict(model.named_modules())
@@ -160,10 +160,8 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 class AdaMergingTrainer:
     """Entropy minimisation over per-layer lambdas on a resident model (one step at a time)."""
 
-    def __init__(self, session: Any, adapters: Sequence[Any], modules: Sequence[str], tasks: Sequence[str],
-                 params: Params, holder: Any | None = None) -> None:
-        from merging_core.adapters import layer_index
-
+    def __init__(self, session: OptimizerSession, adapters: Sequence[LoraAdapter], modules: Sequence[str],
+                 tasks: Sequence[str], params: Params, holder: ResidentModel | None = None) -> None:
         self.session = session
         self.holder = holder or session.holder
         self.adapters = list(adapters)
@@ -183,15 +181,13 @@ class AdaMergingTrainer:
         self.rng = random.Random(params["seed"])
 
     def _inputs(self, task: str) -> list[str]:
-        data = self.session._split_data(task, self.params["split"])
-        texts = list(data.texts)
+        texts = list(self.session.unlabeled_texts(task, self.params["split"]))
         random.Random(f"{self.params['seed']}:{task}").shuffle(texts)
         return texts[: self.params["samples_per_task"]]
 
     def _encode(self, task: str, texts: list[str]) -> dict[str, torch.Tensor]:
-        config = self.session.workspace.task(task)
         encoded = self.holder.tokenizer(texts, padding=True, truncation=True,
-                                        max_length=config.max_length, return_tensors="pt")
+                                        max_length=self.session.max_length(task), return_tensors="pt")
         return {k: v.to(self.holder.device) for k, v in encoded.items()}
 
     def batch(self, task: str) -> dict[str, torch.Tensor]:
@@ -212,7 +208,7 @@ class AdaMergingTrainer:
         for task, inputs in batches.items():
             with self.holder.head(self.session.head(task)), self._autocast():
                 if impl == "streaming_parametrize":
-                    with streaming_hooks(model, self.lambdas, self.deltas):
+                    with self.holder.hooked(streaming_hooks(self.lambdas, self.deltas)):
                         logits = model(**inputs).logits
                 else:
                     weights = functional_weights(model, self.lambdas, self.adapters, self.transpose)
@@ -236,19 +232,6 @@ class AdaMergingTrainer:
         return LambdaPolicy(kind="per_layer", overrides=overrides)
 
 
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Base parameters without gradients for the duration (gradients reach the lambdas only)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
 def _plot_curve(curve: list[float]) -> bytes:
     import matplotlib
 
@@ -267,12 +250,7 @@ def _plot_curve(curve: list[float]) -> bytes:
     return buffer.getvalue()
 
 
-def propose(ctx: OptimizerContext, params: Params) -> OptimizerResult:
-    if ctx.method.name not in SUPPORTED_METHODS:
-        raise ParamError(
-            f"optimizer 'adamerging' learns per-layer task-arithmetic coefficients; use method "
-            f"{' or '.join(SUPPORTED_METHODS)}, not {ctx.method.name!r}"
-        )
+def run(ctx: OptimizerContext, params: Params) -> OptimizerResult:
     session = ctx.session
     if session is None:
         raise ParamError(
@@ -280,33 +258,18 @@ def propose(ctx: OptimizerContext, params: Params) -> OptimizerResult:
             "(lora-merge merge --workspace ..., or through the service)"
         )
     tasks = [a.name for a in ctx.adapters]
-    for task in tasks:
-        config = session.workspace.task(task)
-        if config.evaluator not in ("sequence_classification",):
-            raise ParamError(
-                f"optimizer 'adamerging' needs classification tasks with their own head; task "
-                f"{task!r} uses evaluator {config.evaluator!r}"
-            )
-    holder = None
-    if params["force_cpu"]:
-        from merging_core.evaluation.holder import ModelHolder
-
-        current = session.holder
-        if current.device.type == "cpu" and current.dtype == torch.float32:
-            holder = current
-        else:
-            holder = ModelHolder(current.model_path, model_class=current.model_class,
-                                 dtype="float32", device="cpu")
-    trainer = AdaMergingTrainer(session, ctx.adapters, ctx.modules, tasks, params, holder)
-    if not trainer.lambdas.modules:
-        raise ParamError("optimizer 'adamerging': no adapter module has a layer index to learn")
-    curve: list[float] = []
-    with frozen(trainer.holder.model), trainer.holder.lock:
-        for step in range(params["steps"]):
-            check(ctx.cancel)
-            curve.append(trainer.step())
-            report(ctx.progress, step + 1, params["steps"], f"adamerging step {step + 1} entropy {curve[-1]:.4f}",
-                   entropy=curve[-1])
+    ADAMERGING.check(ctx.method, tasks, {task: session.evaluator_of(task) for task in tasks})
+    with session.holder.cpu_float32() if params["force_cpu"] else nullcontext(session.holder) as holder:
+        trainer = AdaMergingTrainer(session, ctx.adapters, ctx.modules, tasks, params, holder)
+        if not trainer.lambdas.modules:
+            raise ParamError("optimizer 'adamerging': no adapter module has a layer index to learn")
+        curve: list[float] = []
+        with holder.frozen():
+            for step in range(params["steps"]):
+                check(ctx.cancel)
+                curve.append(trainer.step())
+                report(ctx.progress, step + 1, params["steps"],
+                       f"adamerging step {step + 1} entropy {curve[-1]:.4f}", entropy=curve[-1])
     if any(not math.isfinite(v) for v in curve):
         raise EvaluationError("adamerging diverged (non-finite entropy); lower lr")
     policy = trainer.policy()
@@ -328,6 +291,10 @@ ADAMERGING = OptimizerSpec(
     "adamerging",
     "learn per-layer, per-adapter lambdas by entropy minimisation (Yang et al., ICLR 2024)",
     PARAMS,
-    propose,
+    run,
     params_validator=_validate,
+    methods=SUPPORTED_METHODS,
+    evaluators=("sequence_classification",),
+    # Modules outside any numbered layer are not learned: they keep the initial coefficient.
+    initial_lambda=lambda params, n_adapters: [params["init_lambda"]] * n_adapters,
 )

@@ -1,81 +1,46 @@
-"""Lambda optimizers: the hook where an optimizer sets the lambda policy before merging.
+"""The optimizer registry: the hook where an optimizer sets the lambda policy before merging.
 
 `none` keeps the configured policy. `adamerging` learns per-layer, per-adapter lambdas by
 entropy minimisation on the resident model (see `plugins/adamerging.py`). Active search over
-lambdas against labelled metrics is a sweep (`search.type: bayes`).
+lambdas against labelled metrics is a sweep (`search.type: bayes`). What an optimizer is, and
+the session it runs against, is in `plugins/optimizer_base.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-from merging_core.adapters import LoraAdapter
-from merging_core.engine.registry import MergeMethod
 from merging_core.errors import ParamError, UnknownMethodError
-from merging_core.params import ParamSpec, Params, validate_params
-from merging_core.policies import LambdaPolicy
-
-
-@dataclass(frozen=True)
-class OptimizerContext:
-    """What an optimizer may look at. `session` is the evaluation session (resident model and
-    workspace) when the merge runs where one exists (CLI with a workspace, the service)."""
-
-    method: MergeMethod
-    method_params: Params
-    policy: LambdaPolicy
-    adapters: Sequence[LoraAdapter]
-    modules: Sequence[str]
-    session: Any = None
-    cancel: Any = None
-    progress: Callable[[int, int, str, dict[str, Any]], None] | None = None
-
-
-@dataclass
-class OptimizerResult:
-    """The policy to merge with, and files for the run bundle (name -> JSON-able or bytes)."""
-
-    policy: LambdaPolicy
-    artifacts: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str
-    doc: str
-    params: tuple[ParamSpec, ...]
-    propose: Callable[[OptimizerContext, Params], OptimizerResult]
-    params_validator: Callable[[Params], None] | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "doc": self.doc, "params": [p.describe() for p in self.params]}
+from merging_core.params import Params, validate_params
+from merging_core.plugins.adamerging import ADAMERGING
+from merging_core.plugins.optimizer_base import OptimizerContext, OptimizerResult, OptimizerSpec
 
 
 def _none(ctx: OptimizerContext, params: Params) -> OptimizerResult:
     return OptimizerResult(ctx.policy)
 
 
-def _registry() -> dict[str, OptimizerSpec]:
-    from merging_core.plugins.adamerging import ADAMERGING
-
-    return {
-        "none": OptimizerSpec("none", "keep the configured lambda policy", (), _none),
-        ADAMERGING.name: ADAMERGING,
-    }
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (OptimizerSpec("none", "keep the configured lambda policy", (), _none), ADAMERGING)
+}
 
 
-def build_optimizer(name: str, params: Mapping[str, Any]) -> tuple[OptimizerSpec, Params]:
-    optimizers = _registry()
-    spec = optimizers.get(name)
+def get_optimizer(name: str) -> OptimizerSpec:
+    spec = OPTIMIZERS.get(name)
     if spec is None:
         hint = " (for Bayesian search over lambdas, use a sweep with search.type: bayes)"
         raise UnknownMethodError(
-            f"unknown optimizer {name!r}; available: {', '.join(sorted(optimizers))}"
+            f"unknown optimizer {name!r}; available: {', '.join(sorted(OPTIMIZERS))}"
             + (hint if name == "bayes" else "")
         )
+    return spec
+
+
+def build_optimizer(name: str, params: Mapping[str, Any]) -> tuple[OptimizerSpec, Params]:
+    """Look up an optimizer and validate its parameters."""
+    spec = get_optimizer(name)
     owner = f"optimizer {name!r}"
     validated = validate_params(owner, spec.params, params)
     if spec.params_validator is not None:

@@ -1,8 +1,14 @@
-"""The seed's artifact layout.
+"""The seed's artifact layout: every path of it is built here and nowhere else.
 
-    <root>/merged/<method>/<task_combo>/runs/run_YYYYMMDD_HHMMSS/
-    <root>/merged/<method>/<task_combo>/eval/<split>/eval_results_<merge_tag>_<split>.json
-    <root>/merged/<method>/<task_combo>/eval/index.json
+    <root>/merged/<method>/<combo>/runs/run_YYYYMMDD_HHMMSS/            run bundles
+    <root>/merged/<method>/<combo>/eval/<split>[/<subset>]/eval_results_<tag>_<split>.json
+    <root>/merged/<method>/<combo>/eval/<split>[/<subset>]/per_task/<task>/<task>_<tag>_metrics.json
+    <root>/merged/<method>/<combo>/eval/index.json                      append-only index
+    <root>/merged/<method>/<combo>/sweeps/<sweep_id>.json|.png           summary and plot
+    <root>/merged/<method>/<combo>/sweeps/<sweep_id>/trials/trial_NNNN.json
+    <root>/<task>/metrics/eval/<split>[/<subset>]/{reference,base}/metrics.json   caches
+    <root>/<task>/metrics/eval/<split>[/<subset>]/merged/<others>/<tag>/metrics.json -> per_task
+    <root>/subsets/                                                     subset index caches
 """
 
 from __future__ import annotations
@@ -34,6 +40,81 @@ def task_combo(adapter_names: Sequence[str]) -> str:
 
 def merged_dir(root: Path, method: str, adapter_names: Sequence[str]) -> Path:
     return Path(root) / "merged" / safe_component(method) / task_combo(adapter_names)
+
+
+def runs_dir(root: Path, method: str, adapter_names: Sequence[str]) -> Path:
+    return merged_dir(root, method, adapter_names) / "runs"
+
+
+RUN_ID_PATTERN = r"^run_\d{8}_\d{6}(_\d+)?$"
+
+
+def find_run_dirs(root: Path, run_id: str) -> list[Path]:
+    """Every run bundle named `run_id` under any method and combo (normally one)."""
+    return sorted(Path(root).glob(f"merged/*/*/runs/{run_id}"))
+
+
+def run_eval_results_file(run_dir: Path, split: str) -> Path:
+    return Path(run_dir) / f"eval_results_{split}.json"
+
+
+def index_file(root: Path, method: str, adapter_names: Sequence[str]) -> Path:
+    return merged_dir(root, method, adapter_names) / "eval" / "index.json"
+
+
+def index_files(root: Path) -> list[Path]:
+    """Every `eval/index.json` under the artifacts root, sorted."""
+    return sorted(Path(root).glob("merged/*/*/eval/index.json"))
+
+
+def eval_dir(root: Path, method: str, adapter_names: Sequence[str], split: str,
+             subset: str | None) -> Path:
+    directory = merged_dir(root, method, adapter_names) / "eval" / split
+    return directory / subset if subset else directory
+
+
+def eval_results_file(directory: Path, tag: str, split: str) -> Path:
+    return directory / f"eval_results_{safe_component(tag)}_{split}.json"
+
+
+def per_task_file(directory: Path, task: str, tag: str) -> Path:
+    return directory / "per_task" / task / f"{task}_{safe_component(tag)}_metrics.json"
+
+
+def task_metrics_dir(root: Path, task: str, split: str, subset: str | None) -> Path:
+    directory = Path(root) / safe_component(task) / "metrics" / "eval" / split
+    return directory / subset if subset else directory
+
+
+def cached_metrics_file(root: Path, task: str, split: str, subset: str | None, kind: str) -> Path:
+    """A task's cached `reference` (its own adapter) or `base` metrics."""
+    return task_metrics_dir(root, task, split, subset) / kind / "metrics.json"
+
+
+def merged_metrics_link(root: Path, task: str, split: str, subset: str | None,
+                        others: Sequence[str], tag: str) -> Path:
+    return (task_metrics_dir(root, task, split, subset) / "merged" / task_combo(others)
+            / safe_component(tag) / "metrics.json")
+
+
+def sweeps_dir(root: Path, method: str, adapter_names: Sequence[str]) -> Path:
+    return merged_dir(root, method, adapter_names) / "sweeps"
+
+
+def sweep_summary_file(root: Path, method: str, adapter_names: Sequence[str], sweep_id: str) -> Path:
+    return sweeps_dir(root, method, adapter_names) / f"{sweep_id}.json"
+
+
+def sweep_plot_file(root: Path, method: str, adapter_names: Sequence[str], sweep_id: str) -> Path:
+    return sweeps_dir(root, method, adapter_names) / f"{sweep_id}.png"
+
+
+def trial_file(root: Path, method: str, adapter_names: Sequence[str], sweep_id: str, index: int) -> Path:
+    return sweeps_dir(root, method, adapter_names) / sweep_id / "trials" / f"trial_{index:04d}.json"
+
+
+def subsets_dir(root: Path) -> Path:
+    return Path(root) / "subsets"
 
 
 def merge_tag(method: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> str:

@@ -18,9 +18,9 @@ from app.api.errors import problem_responses
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
 from merging_core.engine import list_methods
+from merging_core.runtime.paths import RUN_ID_PATTERN, cached_metrics_file, find_run_dirs
 
 router = APIRouter(tags=["catalogue"])
-_RUN_ID = r"^run_\d{8}_\d{6}(_\d+)?$"
 
 
 @router.get("/methods", response_model=list[MethodRead], operation_id="list_methods",
@@ -37,7 +37,7 @@ def tasks(service: ServiceDep) -> list[TaskRead]:
     for name, task in service.workspace.tasks.items():
         reference = {}
         for split in task.data:
-            cached = service.artifacts_dir / name / "metrics" / "eval" / split / "reference" / "metrics.json"
+            cached = cached_metrics_file(service.artifacts_dir, name, split, None, "reference")
             if cached.is_file():
                 reference[split] = json.loads(cached.read_text())["metrics"]
         items.append(TaskRead(name=name, evaluator=task.evaluator, primary_metric=task.primary_metric,
@@ -71,9 +71,9 @@ def evaluations(
 
 
 def _run_dir(service: ServiceDep, run_id: str) -> Path:
-    if not re.match(_RUN_ID, run_id):
+    if not re.match(RUN_ID_PATTERN, run_id):
         raise NotFound(f"run {run_id!r} not found (run ids look like run_YYYYMMDD_HHMMSS)")
-    matches = sorted(service.artifacts_dir.glob(f"merged/*/*/runs/{run_id}"))
+    matches = find_run_dirs(service.artifacts_dir, run_id)
     if not matches:
         raise NotFound(f"run {run_id!r} not found")
     if len(matches) > 1:

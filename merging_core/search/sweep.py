@@ -1,0 +1,323 @@
+"""Sweeps over merge coefficients: plan once, then evaluate the proposer's points, ranked max-min.
+
+`plan_sweep(config, workspace)` validates a sweep without evaluating anything: the merge is
+planned once (at the first point), and the search space is checked value by value (each grid
+value once, or both corners of a Bayesian space) as a variant of that plan, never by building
+every grid point. A `SweepPlan` is frozen and picklable.
+
+`Sweep(plan, session).run()` asks its proposer (`search.proposers`) for points, merges each in
+memory on the resident model, evaluates every task, restores, and writes the trial at once
+(`sweeps/<sweep_id>/trials/trial_NNNN.json`). The sweep id hashes everything that defines the
+sweep, so starting the same sweep again with the same artifacts directory resumes it: finished
+trials are read back and observed, never re-run, and the proposals are the same.
+
+Objective: the min over tasks of the interference delta (higher is better). The summary
+`sweeps/<sweep_id>.json` keeps every task's metric for each trial, ranked, with the best point;
+`sweeps/<sweep_id>.png` plots the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merging_core.adapters import AdapterCache
+from merging_core.config.loader import parse_merge_config
+from merging_core.config.schema import MergeConfig, SearchConfig
+from merging_core.engine.plan import MergePlan, plan_merge, plan_variant
+from merging_core.engine.registry import get_method
+from merging_core.engine.runner import load_merge
+from merging_core.errors import ConfigError, ParamError
+from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.subsets import subset_namespace
+from merging_core.evaluation.workspace import Workspace
+from merging_core.runtime.cancel import CancelToken, Progress, check, report
+from merging_core.runtime.io import atomic_write_json
+from merging_core.runtime.paths import sweep_plot_file, sweep_summary_file, trial_file
+from merging_core.search.proposers import Proposal, make_proposer
+from merging_core.search.space import (
+    Dimension,
+    build_dimensions,
+    grid_point_to_merge,
+    grid_points,
+    point_to_merge,
+)
+from merging_core.search.trials import SweepResult, Trial
+from merging_core.search.warm_start import load_warm_start
+
+log = logging.getLogger(__name__)
+# The in-progress summary is rewritten at most this often (every trial is on disk at once in
+# its own file; rewriting the ranked list after each one made long sweeps quadratic).
+SUMMARY_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A validated sweep: the request, the merge planned at its first point, the evaluated
+    tasks, the search dimensions, and the sweep's id and context (for resume and warm start)."""
+
+    config: MergeConfig
+    base: MergePlan
+    tasks: tuple[str, ...]
+    dimensions: tuple[Dimension, ...]
+    sweep_id: str
+    context: dict[str, Any]
+
+    @property
+    def search(self) -> SearchConfig:
+        assert self.config.search is not None
+        return self.config.search
+
+    @property
+    def total(self) -> int:
+        return len(grid_points(self.search)) if self.search.type == "grid" else self.search.budget
+
+    @property
+    def fidelity(self) -> int | None:
+        """What each trial is scored at: the eval subset's size (None: the full split)."""
+        subset = self.config.eval_subset
+        return subset.max_samples if subset is not None and subset.enabled else None
+
+    def trial_plan(self, point: dict[str, Any]) -> MergePlan:
+        """The merge at `point`: a variant of the base plan (no adapter is loaded again)."""
+        return plan_variant(self.base, *_merge_settings(self.config, self.dimensions, point))
+
+
+def _merge_settings(config: MergeConfig, dimensions: Sequence[Dimension],
+                    point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method_params, lambda_policy) of the merge at `point`."""
+    assert config.search is not None
+    if config.search.type == "grid":
+        return grid_point_to_merge(point, config)
+    return point_to_merge(point, dimensions, config)
+
+
+def _context(config: MergeConfig, tasks: Sequence[str]) -> dict[str, Any]:
+    return {
+        "method": config.method,
+        "adapters": list(config.adapters),
+        "merge_mode": config.merge_mode,
+        "split": config.split,
+        "eval_tasks": list(tasks),
+        "constraint_nonnegative": config.constraint_nonnegative,
+        "eval_subset": subset_namespace(config.eval_subset),
+    }
+
+
+def _sweep_id(config: MergeConfig, context: dict[str, Any]) -> str:
+    assert config.search is not None
+    search = config.search.model_dump(
+        mode="json", exclude={"warm_start_sweeps", "warm_start_max_points"}
+    )
+    defining = {
+        "context": context,
+        "search": search,
+        "method_params": config.method_params,
+        "lambda_policy": config.lambda_policy.model_dump(mode="json"),
+        "transforms": [t.model_dump(mode="json") for t in config.transforms],
+    }
+    digest = hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+    return f"sweep_{digest[:12]}"
+
+
+def _checked_points(search: SearchConfig, dimensions: Sequence[Dimension]) -> list[dict[str, Any]]:
+    """The points that validate a space: the first grid point, then each other grid value once
+    (on top of the first point), or both corners of a Bayesian space."""
+    if search.type == "bayes":
+        return [{d.name: d.from_unit(u) for d in dimensions} for u in (0.0, 1.0)]
+    first = {key: values[0] for key, values in search.grid.items()}
+    return [first] + [{**first, key: value} for key, values in search.grid.items() for value in values[1:]]
+
+
+def plan_sweep(
+    config: MergeConfig | dict[str, Any],
+    workspace: Workspace,
+    *,
+    adapter_cache: AdapterCache | None = None,
+) -> SweepPlan:
+    """Validate a sweep against a workspace and resolve it into a `SweepPlan`; runs nothing."""
+    if isinstance(config, dict):
+        config = parse_merge_config(config)
+    if config.search is None:
+        raise ConfigError("a sweep needs a `search` section (search.type: grid or bayes)")
+    if config.optimizer.name != "none":
+        raise ConfigError(
+            f"optimizer: a sweep searches the coefficients itself; use optimizer none, not "
+            f"{config.optimizer.name!r} (or run the optimizer as a merge)"
+        )
+    tasks = list(config.eval_tasks or [a for a in config.adapters if a in workspace.tasks])
+    if not tasks:
+        raise ConfigError("a sweep needs eval_tasks, or adapters that are workspace tasks")
+    for task in tasks:
+        workspace.task(task)  # unknown task -> ConfigError naming the known ones
+    method = get_method(config.method)
+    search = config.search
+    dimensions = (build_dimensions(search, len(config.adapters), config.constraint_nonnegative)
+                  if search.type == "bayes" else [])
+    for dimension in dimensions:
+        if dimension.param not in method.param_index:
+            raise ParamError(
+                f"search.space.{dimension.param}: method {method.name!r} has no such "
+                f"parameter; it has: {', '.join(method.param_index) or 'none'}"
+            )
+    points = _checked_points(search, dimensions)
+    params, policy = _merge_settings(config, dimensions, points[0])
+    first = parse_merge_config({**config.model_dump(exclude_unset=True), "method_params": params,
+                                "lambda_policy": policy})
+    base = plan_merge(first, workspace.task_registry(), adapter_cache=adapter_cache,
+                      task_evaluators={name: t.evaluator for name, t in workspace.tasks.items()})
+    context = _context(config, tasks)
+    plan = SweepPlan(config=config, base=base, tasks=tuple(tasks), dimensions=tuple(dimensions),
+                     sweep_id=_sweep_id(config, context), context=context)
+    for point in points[1:]:
+        plan.trial_plan(point)
+    return plan
+
+
+class Sweep:
+    """One planned sweep on a session's resident model; `run()` resumes from persisted trials."""
+
+    def __init__(self, plan: SweepPlan, session: EvalSession) -> None:
+        self.plan = plan
+        self.session = session
+        self.sweep_id = plan.sweep_id
+        self.total = plan.total
+        config = plan.config
+        root = session.root
+        self.summary_path = sweep_summary_file(root, config.method, config.adapters, plan.sweep_id)
+        self.plot_path = sweep_plot_file(root, config.method, config.adapters, plan.sweep_id)
+
+    def _trial_path(self, index: int) -> Path:
+        config = self.plan.config
+        return trial_file(self.session.root, config.method, config.adapters, self.sweep_id, index)
+
+    def _load_trial(self, index: int) -> Trial | None:
+        path = self._trial_path(index)
+        if not path.is_file():
+            return None
+        return Trial.from_dict(json.loads(path.read_text()))
+
+    def _record(self, trial: Trial) -> Trial:
+        atomic_write_json(self._trial_path(trial.index), trial.to_dict())
+        return trial
+
+    def _evaluate(self, proposal: Proposal, cancel: CancelToken | None) -> Trial:
+        if proposal.reuse is not None:
+            return self._record(Trial.from_dict({**proposal.reuse, "index": proposal.index,
+                                                 "source": "warm_start"}))
+        started = time.perf_counter()
+        output = load_merge(self.plan.trial_plan(proposal.point), adapter_cache=self.session.adapter_cache)
+        eval_id = f"{self.sweep_id}/trial_{proposal.index:04d}"
+        config = self.plan.config
+        result = self.session.evaluate_merge(
+            output, merge_tag=output.merge_tag, tasks=self.plan.tasks, split=config.split,
+            subset=config.eval_subset, entry_id=eval_id,
+            record={"sweep_id": self.sweep_id, "trial": proposal.index}, cancel=cancel,
+        )
+        return self._record(Trial(
+            index=proposal.index, point=proposal.point, source=proposal.source,
+            objective=result.objective, metrics=result.metrics, interference_delta=result.deltas,
+            method_params=output.params, lambda_policy=result.lambda_policy,
+            merge_tag=output.merge_tag, eval_id=eval_id,
+            duration_s=round(time.perf_counter() - started, 4), fidelity=self.plan.fidelity,
+        ))
+
+    def run(
+        self,
+        *,
+        cancel: CancelToken | None = None,
+        progress: Progress | None = None,
+        on_trial: Callable[[Trial], None] | None = None,
+    ) -> SweepResult:
+        """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too)."""
+        search = self.plan.search
+        warm, skipped = ([], [])
+        if search.warm_start_sweeps:
+            warm, skipped = load_warm_start(search, self.plan.context, self.plan.dimensions,
+                                            self.summary_path)
+        proposer = make_proposer(search, self.plan.dimensions, warm)
+        trials: list[Trial] = []
+        resumed = 0
+        best: Trial | None = None
+        summary_written = float("-inf")
+        while len(trials) < self.total:
+            check(cancel)
+            trial = self._load_trial(len(trials))
+            evaluated = False
+            if trial is not None:
+                resumed += 1
+            else:
+                [proposal] = proposer.propose(1)
+                trial = self._evaluate(proposal, cancel)
+                evaluated = proposal.reuse is None
+            trials.append(trial)
+            proposer.observe([trial])
+            if on_trial is not None:
+                on_trial(trial)
+            if best is None or trial.objective > best.objective:
+                best = trial
+            report(progress, len(trials), self.total, f"trial {trial.index} objective {trial.objective:.4f}",
+                   best={"index": best.index, "objective": best.objective, "point": best.point})
+            if evaluated and time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
+                self._write_summary(trials, warm, skipped, complete=False)
+                summary_written = time.monotonic()
+        result = SweepResult(
+            sweep_id=self.sweep_id, summary_path=self.summary_path, plot_path=None, trials=trials,
+            warm_start={"used": self._warm_used(trials, warm), "skipped": skipped}, resumed_trials=resumed,
+        )
+        self._write_summary(trials, warm, skipped, complete=True)
+        result.plot_path = self._plot(trials)
+        return result
+
+    def _warm_used(self, trials: list[Trial], warm: list[dict[str, Any]]) -> int:
+        """Warm-start points that counted: a grid reuses those on its grid; bayes observes all."""
+        if self.plan.search.type == "grid":
+            return sum(trial.source == "warm_start" for trial in trials)
+        return len(warm)
+
+    def _write_summary(self, trials: list[Trial], warm: list[dict[str, Any]],
+                       skipped: list[dict[str, str]], *, complete: bool) -> None:
+        ranked = sorted(trials, key=lambda t: (-t.objective, t.index))
+        search = self.plan.search
+        atomic_write_json(self.summary_path, {
+            "sweep_id": self.sweep_id,
+            "context": self.plan.context,
+            "search": search.model_dump(mode="json"),
+            "dimensions": [d.name for d in self.plan.dimensions] or list(search.grid),
+            "objective": "min over tasks of interference_delta (higher is better)",
+            "complete": complete,
+            "num_trials": len(trials),
+            "best": ranked[0].to_dict() if ranked else None,
+            "trials": [t.to_dict() for t in ranked],
+            "warm_start": {"used": self._warm_used(trials, warm), "skipped": skipped},
+            "plot": self.plot_path.name,
+        })
+
+    def _plot(self, trials: list[Trial]) -> Path | None:
+        from merging_core.search.plot import plot_sweep
+
+        try:
+            plot_sweep(trials, self.plan.tasks, self.plot_path)
+        except ValueError as exc:  # e.g. non-numeric grid values: nothing to draw
+            log.warning("no sweep plot: %s", exc)
+            return None
+        return self.plot_path
+
+
+def run_sweep(
+    config: MergeConfig,
+    session: EvalSession,
+    *,
+    cancel: CancelToken | None = None,
+    progress: Progress | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SweepResult:
+    """Plan and run (or resume) the sweep that `config.search` describes."""
+    plan = plan_sweep(config, session.workspace, adapter_cache=session.adapter_cache)
+    return Sweep(plan, session).run(cancel=cancel, progress=progress, on_trial=on_trial)

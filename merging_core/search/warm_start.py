@@ -1,0 +1,79 @@
+"""Warm start: reuse trials of earlier sweeps that searched the same thing.
+
+A summary's trials are used only when its context (method, adapters, merge_mode, split,
+eval_tasks, constraint_nonnegative, eval subset) equals this sweep's and the point lies in this
+search space; every other point is reported with the reason it was skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from merging_core.config.schema import SearchConfig
+from merging_core.search.space import Dimension
+
+
+def _summary_files(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        return sorted(path.glob("sweep_*.json"))
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in glob.glob(source))
+
+
+def load_warm_start(
+    search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_summary: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Points from earlier sweeps that match this one; the rest are reported with a reason.
+    A summary file named by several sources is read once; this sweep's own summary is skipped
+    (its trials are resumed instead)."""
+    used: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    names = sorted(d.name for d in dimensions) if dimensions else sorted(search.grid)
+    cap = search.warm_start_max_points
+    read: set[Path] = {Path(own_summary).resolve()}
+    for source in search.warm_start_sweeps:
+        files = _summary_files(source)
+        if not files:
+            skipped.append({"source": source, "reason": "no sweep_*.json found"})
+        for path in files:
+            if path.resolve() in read:
+                continue
+            read.add(path.resolve())
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                skipped.append({"source": str(path), "reason": f"unreadable: {exc}"})
+                continue
+            theirs = summary.get("context", {})
+            mismatched = [key for key in context if theirs.get(key) != context[key]]
+            if mismatched:
+                skipped.append({"source": str(path), "reason": f"{', '.join(mismatched)} differ"})
+                continue
+            for trial in summary.get("trials", []):
+                point = trial.get("point", {})
+                if sorted(point) != names:
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": f"searched {sorted(point)}, not {names}"})
+                elif not all(_is_number(point[d.name]) for d in dimensions):
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": "a value is not a single number (e.g. per-adapter lists), "
+                                              "so it is no point of this search space"})
+                elif not all(d.contains(point[d.name]) for d in dimensions):
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": "outside the search space"})
+                elif cap is not None and len(used) >= cap:
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": f"warm_start_max_points={cap} reached"})
+                else:
+                    used.append(trial)
+    return used, skipped
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

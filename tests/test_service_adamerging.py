@@ -1,0 +1,106 @@
+"""AdaMerging through the real service (uvicorn + httpx): planned at POST, run on the worker.
+
+The request is validated by planning (no optimizer runs on the request thread); the worker
+trains the per-layer lambdas on the resident model, streams (step, entropy) progress over SSE,
+honours cancellation between steps, and writes `adamerging_lambdas.json` into the run bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from app.settings import Settings
+from tests.service_helpers import thread_server, wait_job
+
+TASKS = ["topic", "mood"]
+
+
+def _adamerging(method: str, steps: int, **extra: Any) -> dict[str, Any]:
+    return {"adapters": TASKS, "method": method, "eval_tasks": TASKS,
+            "optimizer": {"name": "adamerging",
+                          "params": {"steps": steps, "batch_size": 6, "lr": 0.05, **extra}}}
+
+
+@pytest.fixture
+def settings(tiny_workspace: Path, tmp_path: Path) -> Settings:
+    return Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "artifacts")
+
+
+def _events(client: httpx.Client, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every server-sent event of a job, from now until it ends."""
+    events, name = [], ""
+    with client.stream("GET", f"/jobs/{job_id}/events", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line.removeprefix("data:").strip())))
+    return events
+
+
+@pytest.mark.parametrize("method", ["task_vector", "weighted_delta"])
+def test_adamerging_end_to_end_through_the_service(settings: Settings, method: str) -> None:
+    """`weighted_delta` needs no lambda: the optimizer sets the lambdas."""
+    with thread_server(settings) as (client, app):
+        holder = app.state.service.evaluator.holder
+        before = holder.weights_fingerprint()
+        answer = client.post("/merges", json=_adamerging(method, steps=40))
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        events = _events(client, job_id)
+        job = wait_job(client, job_id)
+        assert job["status"] == "succeeded", job["error"]
+
+        progress = [data["message"] for name, data in events if name == "progress"]
+        entropy = [m for m in progress if m.startswith("adamerging step") and "entropy" in m]
+        assert entropy, progress  # (step, entropy) reached the client over SSE
+        assert events[-1][0] == "end"
+
+        result = job["result"]
+        assert result["optimizer"]["name"] == "adamerging" and result["optimizer"]["steps"] == 40
+        run_dir = Path(result["run_dir"])
+        learned = json.loads((run_dir / "adamerging_lambdas.json").read_text())
+        assert learned["tasks"] == TASKS and len(learned["entropy"]) == 40
+        assert (run_dir / "adamerging_entropy.png").read_bytes()[:4] == b"\x89PNG"
+        metadata = json.loads((run_dir / "merge_metadata.json").read_text())
+        assert metadata["lambda_policy"]["type"] == "per_layer"
+        assert metadata["optimizer"]["name"] == "adamerging"
+        assert set(result["evaluation"]["metrics"]) == set(TASKS)
+        after = holder.weights_fingerprint()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.requires_grad for p in holder.model.parameters())
+
+
+def test_adamerging_through_the_service_is_cancellable_between_steps(settings: Settings) -> None:
+    with thread_server(settings) as (client, app):
+        holder = app.state.service.evaluator.holder
+        before = holder.weights_fingerprint()
+        job_id = client.post("/merges", json=_adamerging("task_vector", steps=100_000)).json()["id"]
+        deadline = time.monotonic() + 60
+        while "entropy" not in client.get(f"/jobs/{job_id}").json()["progress"]["message"]:
+            assert time.monotonic() < deadline, "no AdaMerging step was reported"
+            time.sleep(0.05)
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+        job = wait_job(client, job_id, timeout=60)
+        assert job["status"] == "cancelled"
+        after = holder.weights_fingerprint()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not list(settings.artifacts_dir.glob("merged/*/*/runs/run_*"))
+
+
+def test_adamerging_requests_that_cannot_run_are_refused_at_post(settings: Settings) -> None:
+    with thread_server(settings) as (client, _):
+        ties = client.post("/merges", json=_adamerging("ties", steps=2))
+        assert ties.status_code == 422
+        assert "use method task_vector or weighted_delta, not 'ties'" in ties.json()["detail"]
+        sweep = client.post("/sweeps", json={**_adamerging("task_vector", steps=2),
+                                             "search": {"type": "grid", "grid": {"lambda": [0.5]}}})
+        assert sweep.status_code == 422 and "optimizer" in sweep.json()["detail"]
+        assert client.get("/jobs").json()["jobs"] == []
