@@ -183,9 +183,9 @@ def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.Mon
         gate = threading.Event()
         execute = runner.execute
 
-        def gated(job_id: str) -> None:
+        def gated(job_id: str, plan: object = None) -> None:
             gate.wait(120)
-            execute(job_id)
+            execute(job_id, plan)
 
         monkeypatch.setattr(runner, "execute", gated)
         bodies = [

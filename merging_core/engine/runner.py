@@ -34,6 +34,8 @@ from merging_core.runtime.cancel import CancelToken, Progress
 from merging_core.runtime.io import atomic_write, atomic_write_json
 from merging_core.runtime.metadata import library_versions, summarize
 from merging_core.runtime.paths import (
+    RUN_METADATA_FILE,
+    RUN_SUMMARY_FILE,
     claim_run_dir,
     discard_run_dir,
     make_temp_run_dir,
@@ -156,8 +158,8 @@ def execute(
                 atomic_write(temp_dir / name, lambda temp, data=content: temp.write_bytes(data))
             else:
                 atomic_write_json(temp_dir / name, content)
-        atomic_write_json(temp_dir / "merge_metadata.json", metadata)
-        atomic_write_json(temp_dir / "summary.json", summarize(metadata))
+        atomic_write_json(temp_dir / RUN_METADATA_FILE, metadata)
+        atomic_write_json(temp_dir / RUN_SUMMARY_FILE, summarize(metadata))
         publish_run_dir(temp_dir, final_dir)
     except BaseException:
         discard_run_dir(temp_dir, final_dir)

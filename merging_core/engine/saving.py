@@ -22,6 +22,7 @@ from peft import LoraConfig
 from merging_core.adapters.loading import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput, ModuleMerge
 from merging_core.runtime.cancel import Progress, report
+from merging_core.runtime.paths import head_file
 from merging_core.runtime.io import (
     StreamingSafetensorsWriter,
     atomic_save_safetensors,
@@ -166,7 +167,7 @@ def save_merged_adapter(
     config_dict["target_modules"] = sorted(output.modules)
     atomic_write_json(out_dir / CONFIG_FILE, config_dict)
     for adapter_name, heads in output.heads.items():
-        atomic_save_safetensors(heads, out_dir / "heads" / f"{adapter_name}.safetensors")
+        atomic_save_safetensors(heads, head_file(out_dir, adapter_name))
 
     relative_errors = list(errors.values())
     return {
@@ -177,5 +178,5 @@ def save_merged_adapter(
         "svd_relative_error_max": max(relative_errors),
         "svd_relative_error_mean": sum(relative_errors) / len(relative_errors),
         "svd_relative_error": errors,
-        "heads": {name: f"heads/{name}.safetensors" for name in output.heads},
+        "heads": {name: head_file(Path(), name).as_posix() for name in output.heads},
     }

@@ -42,7 +42,7 @@ from merging_core.evaluation.workspace import Workspace
 from merging_core.evaluation.writer import EvalWriter, IndexListener
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.runtime.io import atomic_write_json
-from merging_core.runtime.paths import cached_metrics_file, subsets_dir
+from merging_core.runtime.paths import RUN_METADATA_FILE, cached_metrics_file
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class EvalSession:
         spec = subset_spec(subset, task)
         if spec is None:
             return data, None
-        indices = subset_indices(data, spec, task=task, split=split, cache_dir=subsets_dir(self.root))
+        indices = subset_indices(data, spec, task=task, split=split, artifacts_dir=self.root)
         return data.select(indices), spec.tag
 
     def adapter(self, task: str) -> LoraAdapter:
@@ -143,7 +143,7 @@ class EvalSession:
         """
         path = Path(adapter_dir)
         output = MergeOutput.single(load_adapter(path))
-        metadata_file = path / "merge_metadata.json"
+        metadata_file = path / RUN_METADATA_FILE
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
         return output, metadata
 

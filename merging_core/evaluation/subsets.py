@@ -17,6 +17,7 @@ from pathlib import Path
 from merging_core.config.schema import EvalSubsetConfig
 from merging_core.evaluation.data import TaskData
 from merging_core.runtime.io import atomic_write_json
+from merging_core.runtime.paths import subset_file
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,10 @@ def select_indices(data: TaskData, spec: SubsetSpec, key: str) -> list[int]:
 
 
 def subset_indices(
-    data: TaskData, spec: SubsetSpec, *, task: str, split: str, cache_dir: Path
+    data: TaskData, spec: SubsetSpec, *, task: str, split: str, artifacts_dir: Path
 ) -> list[int]:
-    """Cached `select_indices`: `<cache_dir>/<task>/<split>/<tag>.json`."""
-    path = Path(cache_dir) / task / split / f"{spec.tag}.json"
+    """Cached `select_indices` (`runtime.paths.subset_file`)."""
+    path = subset_file(artifacts_dir, task, split, spec.tag)
     checksum = data.checksum()
     if path.is_file():
         cached = json.loads(path.read_text())

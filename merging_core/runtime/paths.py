@@ -54,8 +54,28 @@ def find_run_dirs(root: Path, run_id: str) -> list[Path]:
     return sorted(Path(root).glob(f"merged/*/*/runs/{run_id}"))
 
 
+# Inside a run bundle (the adapter's own files are PEFT's names: adapter_config.json, ...).
+RUN_METADATA_FILE = "merge_metadata.json"
+RUN_SUMMARY_FILE = "summary.json"
+HEADS_DIR = "heads"
+
+
 def run_eval_results_file(run_dir: Path, split: str) -> Path:
     return Path(run_dir) / f"eval_results_{split}.json"
+
+
+def run_eval_results_files(run_dir: Path) -> dict[str, Path]:
+    """A bundle's evaluation results by split."""
+    return {path.stem.removeprefix("eval_results_"): path
+            for path in sorted(Path(run_dir).glob("eval_results_*.json"))}
+
+
+def head_file(run_dir: Path, adapter_name: str) -> Path:
+    return Path(run_dir) / HEADS_DIR / f"{adapter_name}.safetensors"
+
+
+def head_files(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / HEADS_DIR).glob("*.safetensors"))
 
 
 def index_file(root: Path, method: str, adapter_names: Sequence[str]) -> Path:
@@ -115,6 +135,11 @@ def trial_file(root: Path, method: str, adapter_names: Sequence[str], sweep_id: 
 
 def subsets_dir(root: Path) -> Path:
     return Path(root) / "subsets"
+
+
+def subset_file(root: Path, task: str, split: str, tag: str) -> Path:
+    """The cached indices of one task's subset."""
+    return subsets_dir(root) / task / split / f"{tag}.json"
 
 
 def merge_tag(method: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> str:

@@ -18,7 +18,15 @@ from app.api.errors import problem_responses
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
 from merging_core.engine import list_methods
-from merging_core.runtime.paths import RUN_ID_PATTERN, cached_metrics_file, find_run_dirs
+from merging_core.runtime.paths import (
+    RUN_ID_PATTERN,
+    RUN_METADATA_FILE,
+    RUN_SUMMARY_FILE,
+    cached_metrics_file,
+    find_run_dirs,
+    head_files,
+    run_eval_results_files,
+)
 
 router = APIRouter(tags=["catalogue"])
 
@@ -87,11 +95,10 @@ def _run_dir(service: ServiceDep, run_id: str) -> Path:
 def get_run(run_id: str, service: ServiceDep) -> RunRead:
     run_dir = _run_dir(service, run_id)
     read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else None  # noqa: E731
-    evals = {p.stem.removeprefix("eval_results_"): json.loads(p.read_text())
-             for p in run_dir.glob("eval_results_*.json")}
+    evals = {split: json.loads(path.read_text()) for split, path in run_eval_results_files(run_dir).items()}
     saved = (run_dir / "adapter_model.safetensors").is_file()
-    return RunRead(run_id=run_id, run_dir=str(run_dir), metadata=read("merge_metadata.json") or {},
-                   summary=read("summary.json"), eval_results=evals,
+    return RunRead(run_id=run_id, run_dir=str(run_dir), metadata=read(RUN_METADATA_FILE) or {},
+                   summary=read(RUN_SUMMARY_FILE), eval_results=evals,
                    adapter_url=f"/runs/{run_id}/adapter.zip" if saved else None)
 
 
@@ -102,7 +109,7 @@ def get_run(run_id: str, service: ServiceDep) -> RunRead:
 def download_adapter(run_id: str, service: ServiceDep) -> Response:
     run_dir = _run_dir(service, run_id)
     files = [run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors",
-             *sorted((run_dir / "heads").glob("*.safetensors"))]
+             *head_files(run_dir)]
     if not files[1].is_file():
         raise NotFound(f"run {run_id} did not save an adapter (save_merged was false)")
     buffer = io.BytesIO()
