@@ -165,6 +165,7 @@ def record_trial(session: Session, *, job_id: str, sweep_id: str, trial: dict[st
         job_id=job_id, sweep_id=sweep_id, trial_index=trial["index"], point=trial["point"],
         source=trial["source"], objective=trial["objective"], metrics=trial["metrics"],
         interference_delta=trial["interference_delta"], merge_tag=trial["merge_tag"],
+        fidelity=trial.get("fidelity"), worker=trial.get("worker"),
     ))
     session.commit()
 

@@ -119,6 +119,8 @@ class SweepTrial(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     interference_delta: Mapped[dict[str, Any]] = mapped_column(JSON)
     merge_tag: Mapped[str] = mapped_column(String(200))
+    fidelity: Mapped[int | None] = mapped_column(Integer, nullable=True)  # eval subset size
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 

@@ -116,9 +116,10 @@ class JobRunner:
         if config.eval_tasks:
             evaluation = self.evaluator.evaluate_merge(
                 result.output, merge_tag=result.merge_tag, tasks=config.eval_tasks,
-                split=config.split, subset=config.eval_subset, run_dir=result.run_dir,
-                record={"job_id": job_id}, cancel=cancel, progress=progress,
+                split=config.split, subset=config.eval_subset, record={"job_id": job_id},
+                cancel=cancel, progress=progress, write=False,
             )
+            self.evaluator.writer.write(evaluation, result.run_dir)
             summary["evaluation"] = evaluation.to_dict()
         return summary
 
@@ -129,7 +130,9 @@ class JobRunner:
         evaluation = self.evaluator.evaluate_merge(
             output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
             subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel, progress=progress,
+            write=False,
         )
+        self.evaluator.writer.write(evaluation)
         return evaluation.to_dict()
 
     def _sweep(self, job_id: str, plan: SweepPlan, cancel: CancelToken,

@@ -240,7 +240,7 @@ def _cmd_evaluate(args: argparse.Namespace, *, defaults: JobDefaults) -> int:
             config = config_from_args(args)
             session = _session(args, defaults, config)
             merged = run_merge(config, task_registry=session.workspace.task_registry(),
-                               artifacts_dir=session.root)
+                               artifacts_dir=session.root, session=session, progress=bar)
             result = session.evaluate_merge(
                 merged.output, merge_tag=merged.merge_tag, tasks=config.eval_tasks,
                 split=config.split, subset=config.eval_subset, run_dir=merged.run_dir,

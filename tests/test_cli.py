@@ -60,6 +60,19 @@ def test_alias_runs_the_same_command(tiny_workspace: Path, tmp_path: Path,
     assert Path(printed["results_file"]).is_relative_to(out)
 
 
+def test_local_evaluate_runs_an_optimizer_on_the_workspace(tiny_workspace: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "adamerging.yaml"
+    config.write_text(json.dumps({"adapters": ["topic", "mood"], "method": "weighted_delta",
+                                  "optimizer": {"name": "adamerging", "params": {"steps": 2}}}))
+    out = tmp_path / "artifacts"
+    assert core_cli.main(["evaluate", "--config", str(config), "--max-samples", "8",
+                          "--workspace", str(tiny_workspace), "--output-dir", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["metrics"]) == {"topic", "mood"}
+    assert list(out.glob("merged/weighted_delta/mood_topic/runs/run_*/adamerging_lambdas.json"))
+
+
 # --- flags -> config, the same locally and with --server --------------------------------------
 
 

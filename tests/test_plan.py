@@ -116,6 +116,30 @@ def test_an_optimizer_that_sets_the_lambdas_needs_no_lambda(tiny_workspace: Path
     assert not list(tmp_path.rglob("run_*"))
 
 
+def test_every_grid_point_is_validated_at_planning(tiny_workspace: Path) -> None:
+    """Values valid one by one may be invalid together (DELLA: density + epsilon/2 <= 1)."""
+    workspace = _workspace(tiny_workspace)
+    sweep = {"adapters": TASKS, "method": "della",
+             "search": {"type": "grid", "grid": {"density": [0.5, 0.95], "epsilon": [0.05, 0.2]}}}
+    with pytest.raises(ParamError, match="density=0.95 and epsilon=0.2"):
+        plan_job(JobKind.SWEEP, parse_merge_config(sweep), workspace)
+
+
+def test_adamerging_refuses_adapters_without_heads_at_planning(tiny_workspace: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    workspace = _workspace(tiny_workspace)
+    source = workspace.adapter_path("mood")
+    headless = tmp_path / "mood_headless"
+    headless.mkdir()
+    (headless / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "lora_" in k}, str(headless / "adapter_model.safetensors"))
+    registry = {**workspace.task_registry(), "mood": headless}
+    with pytest.raises(ParamError, match="mood have no head"):
+        plan_merge({"adapters": TASKS, "method": "task_vector", "optimizer": ADAMERGING}, registry)
+
+
 def test_the_service_validates_without_computing(tiny_workspace: Path, tmp_path: Path) -> None:
     """Through uvicorn: POSTs answer 202 (or 422) by planning alone; the parked worker receives
     each job with its plan, so it would not parse the request again."""

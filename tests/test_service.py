@@ -64,6 +64,8 @@ def test_merge_evaluation_and_sweep_end_to_end(settings: Settings) -> None:
 
         trials = client.get(f"/sweeps/{jobs['sweep']['id']}/trials").json()
         assert [t["index"] for t in trials["trials"]] == [0, 1, 2]
+        # each trial says what it was scored at (the 12-example subset) and who ran it
+        assert {(t["fidelity"], t["worker"]) for t in trials["trials"]} == {(12, None)}
         assert client.get(f"/sweeps/{jobs['sweep']['id']}/plot.png").content[:4] == b"\x89PNG"
 
         on_disk = {}

@@ -96,6 +96,8 @@ class TrialRead(BaseModel):
     metrics: dict[str, float]
     interference_delta: dict[str, float]
     merge_tag: str
+    fidelity: int | None = Field(default=None, description="eval subset size it was scored at; null: full split")
+    worker: str | None = Field(default=None, description="the worker that ran it; null: the embedded one")
 
 
 class TrialPage(BaseModel):

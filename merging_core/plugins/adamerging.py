@@ -295,6 +295,7 @@ ADAMERGING = OptimizerSpec(
     params_validator=_validate,
     methods=SUPPORTED_METHODS,
     evaluators=("sequence_classification",),
+    needs_heads=True,
     # Modules outside any numbered layer are not learned: they keep the initial coefficient.
     initial_lambda=lambda params, n_adapters: [params["init_lambda"]] * n_adapters,
 )

@@ -100,6 +100,7 @@ class OptimizerSpec:
     methods: tuple[str, ...] | None = None
     evaluators: tuple[str, ...] | None = None
     initial_lambda: Callable[[Params, int], list[float]] | None = None
+    needs_heads: bool = False  # every adapter must bring its task's own head (modules_to_save)
 
     @property
     def sets_lambdas(self) -> bool:
@@ -123,6 +124,17 @@ class OptimizerSpec:
                     f"optimizer {self.name!r} needs classification tasks with their own head; "
                     f"task {task!r} {what}"
                 )
+
+    def check_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
+        """Refuse adapters this optimizer cannot use (checked on the loaded factors and heads)."""
+        if not self.needs_heads:
+            return
+        headless = [adapter.name for adapter in adapters if not adapter.heads]
+        if headless:
+            raise ParamError(
+                f"optimizer {self.name!r} minimises the entropy of each task's own head; adapter(s) "
+                f"{', '.join(headless)} have no head (modules_to_save)"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "doc": self.doc, "params": [p.describe() for p in self.params]}

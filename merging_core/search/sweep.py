@@ -1,9 +1,10 @@
 """Sweeps over merge coefficients: plan once, then evaluate the proposer's points, ranked max-min.
 
 `plan_sweep(config, workspace)` validates a sweep without evaluating anything: the merge is
-planned once (at the first point), and the search space is checked value by value (each grid
-value once, or both corners of a Bayesian space) as a variant of that plan, never by building
-every grid point. A `SweepPlan` is frozen and picklable.
+planned once (at the first point, adapters loaded and checked), and every other point of the
+space (each grid point, or both corners of a Bayesian space) is checked as a variant of that
+plan: its parameters and lambda policy only, no adapter loaded again and no merge built. A
+`SweepPlan` is frozen and picklable.
 
 `Sweep(plan, session).run()` asks its proposer (`search.proposers`) for points, merges each in
 memory on the resident model, evaluates every task, restores, and writes the trial at once
@@ -127,12 +128,12 @@ def _sweep_id(config: MergeConfig, context: dict[str, Any]) -> str:
 
 
 def _checked_points(search: SearchConfig, dimensions: Sequence[Dimension]) -> list[dict[str, Any]]:
-    """The points that validate a space: the first grid point, then each other grid value once
-    (on top of the first point), or both corners of a Bayesian space."""
+    """The points that validate a space: every grid point (values may only be valid together,
+    e.g. DELLA's density and epsilon), or both corners of a Bayesian space. Each is checked as
+    a variant of the base plan: parameters and policy only, microseconds a point."""
     if search.type == "bayes":
         return [{d.name: d.from_unit(u) for d in dimensions} for u in (0.0, 1.0)]
-    first = {key: values[0] for key, values in search.grid.items()}
-    return [first] + [{**first, key: value} for key, values in search.grid.items() for value in values[1:]]
+    return grid_points(search)
 
 
 def plan_sweep(
@@ -218,8 +219,9 @@ class Sweep:
         result = self.session.evaluate_merge(
             output, merge_tag=output.merge_tag, tasks=self.plan.tasks, split=config.split,
             subset=config.eval_subset, entry_id=eval_id,
-            record={"sweep_id": self.sweep_id, "trial": proposal.index}, cancel=cancel,
+            record={"sweep_id": self.sweep_id, "trial": proposal.index}, cancel=cancel, write=False,
         )
+        self.session.writer.write(result)
         return self._record(Trial(
             index=proposal.index, point=proposal.point, source=proposal.source,
             objective=result.objective, metrics=result.metrics, interference_delta=result.deltas,
@@ -260,10 +262,13 @@ class Sweep:
             proposer.observe([trial])
             if on_trial is not None:
                 on_trial(trial)
-            if best is None or trial.objective > best.objective:
+            improved = best is None or trial.objective > best.objective
+            if improved:
                 best = trial
+            assert best is not None
+            news = {"best": {"index": best.index, "objective": best.objective, "point": best.point}}
             report(progress, len(trials), self.total, f"trial {trial.index} objective {trial.objective:.4f}",
-                   best={"index": best.index, "objective": best.objective, "point": best.point})
+                   **(news if improved else {}))
             if evaluated and time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
                 self._write_summary(trials, warm, skipped, complete=False)
                 summary_written = time.monotonic()

@@ -17,6 +17,7 @@ from app.api.deps import ReadDbDep, ServiceDep
 from app.api.errors import problem_responses
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
+from merging_core.adapters.loading import CONFIG_FILE, WEIGHTS_FILE
 from merging_core.engine import list_methods
 from merging_core.runtime.paths import (
     RUN_ID_PATTERN,
@@ -96,7 +97,7 @@ def get_run(run_id: str, service: ServiceDep) -> RunRead:
     run_dir = _run_dir(service, run_id)
     read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else None  # noqa: E731
     evals = {split: json.loads(path.read_text()) for split, path in run_eval_results_files(run_dir).items()}
-    saved = (run_dir / "adapter_model.safetensors").is_file()
+    saved = (run_dir / WEIGHTS_FILE).is_file()
     return RunRead(run_id=run_id, run_dir=str(run_dir), metadata=read(RUN_METADATA_FILE) or {},
                    summary=read(RUN_SUMMARY_FILE), eval_results=evals,
                    adapter_url=f"/runs/{run_id}/adapter.zip" if saved else None)
@@ -108,7 +109,7 @@ def get_run(run_id: str, service: ServiceDep) -> RunRead:
                        **problem_responses(401, 403, 404, 409, 422)})
 def download_adapter(run_id: str, service: ServiceDep) -> Response:
     run_dir = _run_dir(service, run_id)
-    files = [run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors",
+    files = [run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE,
              *head_files(run_dir)]
     if not files[1].is_file():
         raise NotFound(f"run {run_id} did not save an adapter (save_merged was false)")

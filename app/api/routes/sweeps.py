@@ -31,7 +31,8 @@ def list_trials(job_id: str, db: ReadDbDep) -> TrialPage:
     job = _sweep_job(db, job_id)
     trials = [
         TrialRead(index=t.trial_index, point=t.point, source=t.source, objective=t.objective,
-                  metrics=t.metrics, interference_delta=t.interference_delta, merge_tag=t.merge_tag)
+                  metrics=t.metrics, interference_delta=t.interference_delta, merge_tag=t.merge_tag,
+                  fidelity=t.fidelity, worker=t.worker)
         for t in (crud.list_trials(db, sweep_id=job.sweep_id) if job.sweep_id else [])
     ]
     best = max(trials, key=lambda t: t.objective) if trials else None
