@@ -148,9 +148,10 @@ def interrupted_jobs(session: Session) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value)))
 
 
-def queued_jobs(session: Session) -> list[Job]:
-    return list(session.scalars(
-        select(Job).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at)))
+def queued_jobs(session: Session, *, limit: int | None = None) -> list[Job]:
+    """Queued jobs, oldest first."""
+    query = select(Job).where(Job.status == JobStatus.QUEUED.value).order_by(Job.created_at, Job.id)
+    return list(session.scalars(query.limit(limit) if limit else query))
 
 
 # --- sweep trials ----------------------------------------------------------------------------

@@ -88,6 +88,5 @@ def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key
             raise QueueFull(f"{service.settings.max_queued_jobs} jobs are already queued; retry later")
         job = crud.create_job(db, kind=kind, request=body, request_hash=digest,
                               idempotency_key=idempotency_key)
-    assert service.executor is not None
     service.executor.submit(job.id, plan)
     return job, True

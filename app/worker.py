@@ -1,19 +1,19 @@
-"""The job worker: one thread per resident model runs jobs one at a time.
+"""The job runner: runs planned jobs one at a time on one resident model.
 
-`JobRunner.execute(job_id)` is the single place where a job moves from running to a final
-state: it runs the job through `merging_core` and, in its `finally`, records succeeded, failed
-or cancelled. The holder restores the model weights on every exit path (see ModelHolder).
+`plan_job` turns a request into the plan a worker executes (the service validates with it).
+`JobRunner.execute(job_id, plan)` is the single place where a job moves from running to a
+final state: it runs the job through `merging_core` and, in its `finally`, records succeeded,
+failed or cancelled (or queued again when the worker is shutting down). The holder restores the
+model weights on every exit path (see ModelHolder).
 
-The runner sits behind the `Executor` protocol. `InProcessExecutor` (a thread and a queue) is
-the embedded default; an executor for several GPUs or machines (e.g. Ray actors each holding a
-`JobRunner`) implements the same three methods.
+A `JobRunner` lives in the worker process (`app/worker_process.py`), behind the `Executor`
+protocol that the service talks to; an executor for several GPUs or machines (e.g. Ray actors
+each holding a `JobRunner`) implements the same methods.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from typing import Any, Protocol
 
@@ -92,6 +92,7 @@ class JobRunner:
         self.evaluator = evaluator
         self.db = db
         self.tokens: dict[str, CancelToken] = {}
+        self.stopping = False  # set by shutdown(): running jobs go back to the queue
 
     # --- the kinds ---------------------------------------------------------------------------
 
@@ -165,13 +166,13 @@ class JobRunner:
         restart) the job is re-planned from its stored request."""
         with self.db() as db:
             job = crud.get_job(db, job_id=job_id)
-            if job.status != JobStatus.QUEUED.value:
-                return  # cancelled while queued, or already handled
+            if job.status != JobStatus.QUEUED.value or self.stopping:
+                return  # cancelled while queued, already handled, or the worker is stopping
             job = crud.transition(db, job_id=job_id, status=JobStatus.RUNNING,
                                   progress_message="running")
             kind, request = JobKind(job.kind), dict(job.request)
         cancel = self.tokens.setdefault(job_id, CancelToken())
-        if job.cancel_requested:
+        if job.cancel_requested or self.stopping:
             cancel.cancel()
         final, fields = JobStatus.FAILED, {}
         try:
@@ -183,7 +184,11 @@ class JobRunner:
             result = handler(job_id, plan, cancel, ProgressWriter(self.db, job_id))
             final, fields = JobStatus.SUCCEEDED, {"result": result, "progress_message": "done"}
         except Cancelled:
-            final, fields = JobStatus.CANCELLED, {"progress_message": "cancelled; weights restored"}
+            if self.stopping and not self._cancel_requested(job_id):
+                final, fields = JobStatus.QUEUED, {
+                    "progress_message": "re-queued: the service stopped; the next start resumes it"}
+            else:
+                final, fields = JobStatus.CANCELLED, {"progress_message": "cancelled; weights restored"}
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's structured error
             log.exception("job %s failed", job_id)
             final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}
@@ -195,6 +200,16 @@ class JobRunner:
             with self.db() as db:
                 crud.transition(db, job_id=job_id, status=final, **fields)
 
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self.db() as db:
+            return bool(crud.get_job(db, job_id=job_id).cancel_requested)
+
+    def shutdown(self) -> None:
+        """Stop at the next batch or trial: running jobs are re-queued, weights restored."""
+        self.stopping = True
+        for token in list(self.tokens.values()):
+            token.cancel()
+
     def cancel(self, job_id: str) -> None:
         token = self.tokens.get(job_id)
         if token is not None:
@@ -202,49 +217,3 @@ class JobRunner:
         else:
             self.tokens[job_id] = CancelToken()
             self.tokens[job_id].cancel()
-
-
-class InProcessExecutor:
-    """A worker thread pulling job ids from an in-memory queue (the jobs live in the DB)."""
-
-    def __init__(self, runner: JobRunner) -> None:
-        self.runner = runner
-        self._queue: queue.Queue[tuple[str, JobPlan | None] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="lora-merge-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job_id: str, plan: JobPlan | None = None) -> None:
-        self._queue.put((job_id, plan))
-
-    def cancel(self, job_id: str) -> None:
-        self.runner.cancel(job_id)
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            job_id, plan = item
-            try:
-                self.runner.execute(job_id, plan)
-            except Exception:  # noqa: BLE001 - the worker thread must survive anything
-                log.exception("worker error on job %s", job_id)
-
-
-def recover(db: sessionmaker, executor: Executor) -> list[str]:
-    """Start-up recovery: re-queue jobs left `running`, then submit every queued job in order."""
-    with db() as session:
-        for job in crud.interrupted_jobs(session):
-            log.warning("re-queuing interrupted job %s (%s)", job.id, job.kind)
-            crud.transition(session, job_id=job.id, status=JobStatus.QUEUED,
-                            progress_message="re-queued after an interrupted run")
-        queued = [job.id for job in crud.queued_jobs(session)]
-    for job_id in queued:
-        executor.submit(job_id)
-    return queued

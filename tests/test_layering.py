@@ -37,6 +37,7 @@ LAYERS: dict[str, Layers] = {
         ("db",),
         ("crud",),
         ("worker",),
+        ("worker_process",),
         ("service",),
         ("submit",),
         ("api",),

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 
 from app.db import JobKind
@@ -28,7 +27,7 @@ from merging_core.evaluation.holder import ModelHolder
 from merging_core.plugins import adamerging
 from merging_core.plugins.optimizer_base import OptimizerSpec
 from merging_core.search import SweepPlan
-from tests.service_helpers import thread_server
+from tests.service_helpers import thread_server, wait_job
 
 TASKS = ["topic", "mood"]
 ADAMERGING = {"name": "adamerging", "params": {"steps": 5}}
@@ -141,24 +140,24 @@ def test_adamerging_refuses_adapters_without_heads_at_planning(tiny_workspace: P
 
 
 def test_the_service_validates_without_computing(tiny_workspace: Path, tmp_path: Path) -> None:
-    """Through uvicorn: POSTs answer 202 (or 422) by planning alone; the parked worker receives
-    each job with its plan, so it would not parse the request again."""
+    """Through uvicorn: POSTs answer 202 (or 422) by planning alone, in the API process, which
+    loads no model at all; each job crosses to the worker process with its plan, and runs."""
     settings = Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "artifacts")
+    loads = ModelHolder.load_count
     with thread_server(settings) as (client, app):
         service = app.state.service
-        holder = service.evaluator.holder
-        before = holder.weights_fingerprint()
-        parked: list[tuple[str, Any]] = []
+        worker = service.executor
+        before = worker.inspect()
+        sent: list[tuple[str, Any]] = []
+        forward = worker.submit
 
-        class Parked:
-            def submit(self, job_id: str, plan: Any = None) -> None:
-                parked.append((job_id, plan))
+        def record(job_id: str, plan: Any = None) -> None:
+            sent.append((job_id, plan))
+            forward(job_id, plan)
 
-            def cancel(self, job_id: str) -> None: ...
-
-        executor, service.executor = service.executor, Parked()
         spy = pytest.MonkeyPatch()
         try:
+            spy.setattr(worker, "submit", record)
             seen = _refuse_all(spy)
             endpoint = {JobKind.MERGE: "/merges", JobKind.EVALUATE: "/evaluations", JobKind.SWEEP: "/sweeps"}
             for kind, request in REQUESTS:
@@ -168,13 +167,11 @@ def test_the_service_validates_without_computing(tiny_workspace: Path, tmp_path:
             assert bad.status_code == 422
         finally:
             spy.undo()
-            service.executor = executor
         assert seen == []
-        assert [type(plan) for _, plan in parked] == [
+        assert [type(plan) for _, plan in sent] == [
             SweepPlan if kind is JobKind.SWEEP else MergePlan for kind, _ in REQUESTS]
-        after = holder.weights_fingerprint()
-        assert all(torch.equal(before[k], after[k]) for k in before)
-        assert all(p.requires_grad for p in holder.model.parameters())
-        assert not any(m._forward_hooks for m in holder.model.modules())
-        for job_id, _ in parked:  # the parked jobs still run, so the server stops cleanly
-            client.post(f"/jobs/{job_id}/cancel")
+        for job_id, _ in sent:  # the plans ran in the worker process
+            assert wait_job(client, job_id)["status"] == "succeeded"
+        after = worker.inspect()
+        assert after == before and after["pristine"] and after["requires_grad"] and after["hooks"] == 0
+    assert ModelHolder.load_count == loads  # not one model load in this (the API's) process

@@ -8,7 +8,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-import app.service as app_service
 from app.main import create_app
 from app.settings import PROJECT_ROOT, Settings
 from merging_core.runtime.index import read_index
@@ -179,15 +177,8 @@ def test_evaluations_filters_sorts_and_pages(settings: Settings) -> None:
 def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     with thread_server(settings) as (client, app):
         # Hold the worker so that every job stays queued until we let it go.
-        runner = app.state.service.executor.runner
-        gate = threading.Event()
-        execute = runner.execute
-
-        def gated(job_id: str, plan: object = None) -> None:
-            gate.wait(120)
-            execute(job_id, plan)
-
-        monkeypatch.setattr(runner, "execute", gated)
+        paused = app.state.service.executor.paused()
+        paused.__enter__()
         bodies = [
             ("/merges", "merge", {"adapters": PAIR, "method": "ties"}),
             ("/evaluations", "evaluate", {"adapters": PAIR, "method": "uniform",
@@ -249,7 +240,7 @@ def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.Mon
             assert ids(kind="sweep", status="cancelled") == [submitted[5][0]]
             assert ids(kind="sweep", status="queued") == [submitted[2][0]]
         finally:
-            gate.set()
+            paused.__exit__(None, None, None)
         for job_id, _ in submitted:
             wait_job(client, job_id)
         done = [i for i in newest_first if i not in cancelled]
@@ -267,34 +258,25 @@ def test_jobs_pagination_and_filters(settings: Settings, monkeypatch: pytest.Mon
 # --- readiness -------------------------------------------------------------------------------
 
 
-def test_readyz_is_503_until_the_model_is_resident(settings: Settings,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    release = threading.Event()
-    load = app_service.EvalSession.from_workspace
-
-    def slow_load(*args: Any, **kwargs: Any) -> Any:
-        assert release.wait(120)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(app_service.EvalSession, "from_workspace", slow_load)
+def test_readyz_is_503_until_the_model_is_resident(settings: Settings) -> None:
+    """The worker process needs seconds to import torch and load the model; the API answers
+    from the first moment, and refuses only what needs the model."""
     app = create_app(settings)
     with TestClient(app) as client:
-        try:
-            not_ready = client.get("/readyz")
-            assert not_ready.status_code == 503
-            body = not_ready.json()
-            assert body["ready"] is False and body["status"] == "ok" and body["error"] is None
-            assert body["model"] is None and body["workspace"] == "tiny"
-            live = client.get("/healthz")
-            assert live.status_code == 200 and live.json()["ready"] is False
-            refused = client.post("/merges", json={"adapters": PAIR, "method": "ties"})
-            assert refused.status_code == 503, refused.text
-            assert "loading" in refused.json()["detail"]
-            # Reads that need no model answer meanwhile.
-            assert client.get("/jobs").json() == {"jobs": [], "next_page_token": None}
-            assert client.get("/evaluations").json() == {"total": 0, "items": []}
-        finally:
-            release.set()
+        assert not app.state.service.ready  # the worker is still importing torch
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503
+        body = not_ready.json()
+        assert body["ready"] is False and body["status"] == "ok" and body["error"] is None
+        assert body["model"] is None and body["workspace"] == "tiny"
+        live = client.get("/healthz")
+        assert live.status_code == 200 and live.json()["ready"] is False
+        refused = client.post("/merges", json={"adapters": PAIR, "method": "ties"})
+        assert refused.status_code == 503, refused.text
+        assert "loading" in refused.json()["detail"]
+        # Reads that need no model answer meanwhile.
+        assert client.get("/jobs").json() == {"jobs": [], "next_page_token": None}
+        assert client.get("/evaluations").json() == {"total": 0, "items": []}
         assert app.state.service.wait_ready(120)
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text

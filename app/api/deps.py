@@ -29,8 +29,8 @@ def get_read_db(request: Request) -> Iterator[Session]:
 
 
 def get_ready_service(service: Annotated[Service, Depends(get_service)]) -> Service:
-    if service.evaluator is None:
-        raise NotReady(service.load_error or "the base model is still loading; retry shortly")
+    if not service.ready:
+        raise NotReady(service.load_error or "the base model is still loading in the worker; retry shortly")
     return service
 
 

@@ -12,13 +12,13 @@ router = APIRouter(tags=["health"])
 
 
 def _health(service: ServiceDep) -> Health:
-    evaluator = service.evaluator
+    worker = service.executor.state.info if service.ready else None
     return Health(
         status="ok" if service.load_error is None else "error",
-        ready=evaluator is not None,
-        device=str(evaluator.holder.device) if evaluator  # resolved; before: as configured
+        ready=worker is not None,
+        device=worker["device"] if worker  # resolved by the worker; before: as configured
         else service.settings.device or service.workspace.spec.base_model.device,
-        model=str(service.workspace.base_model_path().name) if evaluator else None,
+        model=worker["model"] if worker else None,
         workspace=service.workspace.name,
         error=service.load_error,
     )

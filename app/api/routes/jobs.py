@@ -45,7 +45,7 @@ def get_job(job_id: str, db: ReadDbDep) -> JobRead:
              responses=problem_responses(401, 403, 404, 409, 422))
 def cancel_job(job_id: str, db: DbDep, service: ServiceDep) -> JobRead:
     job = crud.request_cancel(db, job_id=job_id)
-    if job.status == JobStatus.RUNNING.value and service.executor is not None:
+    if job.status == JobStatus.RUNNING.value:
         service.executor.cancel(job_id)
     return JobRead.of(job)
 
