@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sync routes run in AnyIO's thread pool; its size bounds how many threads contend for
+        # the interpreter lock at once (measured: see the README's API latency section).
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         service = Service(settings)
         app.state.service = service
         service.start()

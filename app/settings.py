@@ -30,6 +30,13 @@ class Settings(BaseSettings):
         description="directories adapter paths may point into (the workspace and artifacts "
         "directories are always allowed)",
     )
+    worker_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch threads of the worker process (default: the cores less one, at least 1, "
+        "so the API always has a core)",
+    )
+    api_threads: int = Field(
+        default=40, ge=1, description="threads that run the API's sync routes (AnyIO's pool)")
     max_queued_jobs: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
 

@@ -78,6 +78,7 @@ def worker_main(settings: Settings, inbox: Any, outbox: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: (stopping.set(), wake.set()))
     release_freed_memory_promptly()
+    torch.set_num_threads(settings.worker_threads or max(1, (os.cpu_count() or 1) - 1))
     engine = make_engine(settings.resolved_database_url)
     db: sessionmaker = make_session_factory(engine)
 

@@ -265,3 +265,22 @@ def test_eval_subset_per_task_overrides(session) -> None:
     assert len(topic) == 4 and len(mood) == 10
     plain, _ = session.task_data("topic", "test", EvalSubsetConfig(max_samples=4, seed=5))
     assert topic.texts == plain.texts  # the override is exactly that task's own subset
+
+
+def test_index_appends_in_place_and_repairs_a_torn_append(tmp_path: Path) -> None:
+    """An append writes only its entry (the file is not rewritten: same inode); a writer that
+    died mid-append leaves an unfinished line that readers drop and the next append repairs."""
+    index = tmp_path / "eval" / "index.json"
+    assert update_results_index(index, {"id": "a", "n": 1})
+    inode = index.stat().st_ino
+    for name in "bcd":
+        assert update_results_index(index, {"id": name, "n": 1})
+    assert index.stat().st_ino == inode
+    assert [e["id"] for e in json.loads(index.read_text())] == ["a", "b", "c", "d"]
+    assert not update_results_index(index, {"id": "c", "n": 2})  # an id already indexed
+    with index.open("r+b") as handle:  # what a crash in the middle of an append leaves
+        handle.seek(-3, 2)
+        handle.write(b',\n{"id": "e", "n"')
+    assert [e["id"] for e in read_index(index)] == ["a", "b", "c", "d"]
+    assert update_results_index(index, {"id": "f", "n": 1})
+    assert [e["id"] for e in json.loads(index.read_text())] == ["a", "b", "c", "d", "f"]

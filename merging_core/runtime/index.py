@@ -1,14 +1,22 @@
-"""The append-only eval index (`eval/index.json`): a JSON list of every evaluation.
+"""The append-only eval index (`eval/index.json`): a JSON list of every evaluation, one per line.
 
-Appends happen under a file lock and replace the file atomically (temp + fsync + rename), so
-concurrent writers lose no entry and a crashing writer leaves the previous index intact.
-Entries carry an `id`; appending an id that is already there is a no-op, which makes retries
-and resumed sweeps idempotent.
+Appends happen under a file lock, so concurrent writers lose no entry. Entries carry an `id`;
+appending an id that is already there is a no-op, which makes retries and resumed sweeps
+idempotent.
+
+An append writes only the new entry: it replaces the closing `\\n]\\n` with `,\\n<entry>\\n]\\n`
+and fsyncs the file. Rewriting the whole list for every entry (as this module once did) made
+each trial of a long sweep slower than the last and flooded the disk with fsyncs of a growing
+file. A torn append (the writer died mid-write) leaves an unfinished last line: readers drop
+it, and the next append rewrites the file whole, atomically, from the complete entries. The
+ids already in a file are cached per process, keyed by the file's size and mtime, so an append
+does not re-read the file another writer has not touched.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +25,56 @@ from filelock import FileLock
 from merging_core.runtime.io import atomic_write_text
 
 LOCK_TIMEOUT_S = 60
+_CLOSING = b"\n]\n"
+# path -> ((size, mtime_ns), ids): what this process last saw of each index file.
+_KNOWN_IDS: dict[Path, tuple[tuple[int, int], set[str]]] = {}
+
+
+def _parse(text: str) -> tuple[list[dict[str, Any]], bool]:
+    """The entries of an index file, and whether it was complete (not torn mid-append)."""
+    try:
+        return list(json.loads(text)), True
+    except json.JSONDecodeError:
+        entries = []
+        for line in text.splitlines():
+            line = line.strip().rstrip(",")
+            if line.startswith("{"):
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # the torn last line
+        return entries, False
 
 
 def read_index(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    """Every complete entry (an unfinished last line, left by a writer that died, is dropped)."""
+    if not Path(path).is_file():
         return []
-    return list(json.loads(path.read_text(encoding="utf-8")))
+    return _parse(Path(path).read_text(encoding="utf-8"))[0]
+
+
+def _entry_line(entry: dict[str, Any]) -> str:
+    # json's C encoder (an `indent` would select the pure-Python one)
+    return json.dumps(entry, sort_keys=True, separators=(", ", ": "))
 
 
 def format_index(entries: list[dict[str, Any]]) -> str:
-    """A JSON list with one entry per line: readable and diffable, and written by json's C
-    encoder (an `indent` would select the pure-Python one, and every append rewrites the file,
-    so a long sweep would spend its time, and the GIL, re-encoding old entries)."""
-    lines = ",\n".join(json.dumps(entry, sort_keys=True, separators=(", ", ": ")) for entry in entries)
+    """A JSON list with one entry per line: readable, diffable, and appendable in place."""
+    lines = ",\n".join(_entry_line(entry) for entry in entries)
     return "[\n" + lines + "\n]\n" if entries else "[]\n"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _append_in_place(path: Path, line: str) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(-len(_CLOSING), os.SEEK_END)
+        handle.write(b",\n" + line.encode("utf-8") + _CLOSING)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def update_results_index(path: Path, entry: dict[str, Any]) -> bool:
@@ -38,9 +82,21 @@ def update_results_index(path: Path, entry: dict[str, Any]) -> bool:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        entries = read_index(path)
-        if any(existing.get("id") == entry["id"] for existing in entries):
+        known = _KNOWN_IDS.get(path)
+        complete = True
+        if path.is_file() and known is not None and known[0] == _stamp(path):
+            ids, entries = known[1], None
+        else:
+            text = path.read_text(encoding="utf-8") if path.is_file() else "[]\n"
+            entries, complete = _parse(text)
+            complete = complete and (not entries or text.encode("utf-8").endswith(_CLOSING))
+            ids = {str(existing.get("id")) for existing in entries}
+        if str(entry["id"]) in ids:
             return False
-        entries.append(entry)
-        atomic_write_text(path, format_index(entries))
+        if entries is None or (complete and entries):
+            _append_in_place(path, _entry_line(entry))
+        else:  # a new, empty or torn index: write it whole, atomically
+            atomic_write_text(path, format_index([*entries, entry]))
+        ids.add(str(entry["id"]))
+        _KNOWN_IDS[path] = (_stamp(path), ids)
     return True
