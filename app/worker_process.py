@@ -284,12 +284,6 @@ class ProcessExecutor:
                 log.info("model resident in worker %s on %s", payload["pid"], payload["device"])
             elif kind == "error":
                 self.state.error, self.state.ready = payload, False
-            elif kind == "pause":
-                paused.set()
-                outbox.put(("paused", True))
-            elif kind == "resume":
-                paused.clear()
-                wake.set()
             elif kind in ("inspect", "paused"):
                 self._replies.put(payload)
 
