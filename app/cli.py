@@ -33,6 +33,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    "workspace": args.workspace,
                                    "artifacts_dir": args.artifacts_dir}.items() if v is not None}
     settings = Settings(**overrides)
+    # This process plans requests (small tensor checks on adapters) in many threads; the model
+    # and its compute live in the worker process, which sets its own torch threads.
+    import torch
+
+    torch.set_num_threads(1)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 

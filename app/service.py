@@ -47,7 +47,8 @@ class Service:
 
     def start(self) -> None:
         # Jobs a dead service left running go back to the queue; the worker takes them in order.
-        requeued = requeue_interrupted(self.db, "re-queued after an interrupted run")
+        requeued = requeue_interrupted(self.db, "re-queued after an interrupted run",
+                                       max_attempts=self.settings.max_attempts)
         if requeued:
             log.info("%d interrupted job(s) re-queued", len(requeued))
         self.executor.start()

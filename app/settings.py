@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     api_threads: int = Field(
         default=40, ge=1, description="threads that run the API's sync routes (AnyIO's pool)")
     max_queued_jobs: int = Field(default=100, ge=1)
+    max_attempts: int = Field(
+        default=3, ge=1, description="runs of one job before a worker death fails it instead of re-queuing")
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
 
     @property

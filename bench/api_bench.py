@@ -7,9 +7,11 @@ What it does, all on loopback:
    `LORA_MERGE_WORKSPACE`, `LORA_MERGE_ARTIFACTS_DIR`, `HF_HUB_OFFLINE=1` and
    `LORA_MERGE_MAX_QUEUED_JOBS=1000`, and waits for `/readyz`;
 3. runs `--rounds` (default 3) measurement rounds; in each round:
-   a. queues a long grid sweep (`POST /sweeps`, `weighted_delta` over a 30 x 30 per-layer
-      `lambda` grid, 900 trials by default) and waits until the worker is running it and has
-      finished its first trial;
+   a. queues a fresh long grid sweep (`POST /sweeps`, `weighted_delta` over a 50 x 50
+      per-layer `lambda` grid, 2500 trials by default) and waits until the worker is running it
+      and has finished its first trial; then lets it run `--idle-seconds` (default 10) with no
+      API load and counts its trials (and again after the loaded window, b.), for the worker's
+      unloaded trials per second;
    b. for `--seconds` (default 20): `--pollers` (default 50) concurrent pollers of
       `GET /jobs/{sweep_id}` (each waits `--poll-interval` between its requests, 0.5 s by
       default, the interval of the project's own `--server` client and of the SSE stream; the

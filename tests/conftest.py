@@ -11,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The services the tests start are the only load on the machine: let their worker process use
+# every core (the default keeps one for the API, for latency under load; see bench/api_bench.py).
+os.environ.setdefault("LORA_MERGE_WORKER_THREADS", str(len(os.sched_getaffinity(0))))
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402

@@ -101,3 +101,30 @@ def test_a_graceful_stop_requeues_the_job_and_the_next_start_resumes_it(settings
         assert job["result"]["resumed_trials"] == len(finished)
         after = {p.name: p.read_bytes() for p in _trial_files(artifacts)}
         assert len(after) == 60 and all(after[name] == data for name, data in finished.items())
+
+
+def test_requeue_fails_a_job_that_keeps_killing_its_worker_and_cancels_a_cancelled_one(tmp_path: Path) -> None:
+    from app import crud
+    from app.db import JobKind, JobStatus, upgrade_database
+    from app.worker_process import requeue_interrupted
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    db = make_session_factory(engine)
+    with db() as session:
+        ids = [crud.create_job(session, kind=JobKind.SWEEP, request={}, request_hash=str(i),
+                               idempotency_key=None).id for i in range(3)]
+        for job_id in ids:  # each is running (its first attempt) when its worker dies
+            crud.transition(session, job_id=job_id, status=JobStatus.RUNNING)
+        crud.request_cancel(session, job_id=ids[1])
+        assert requeue_interrupted(db, "re-queued", max_attempts=2) == [ids[0], ids[2]]
+        crud.transition(session, job_id=ids[0], status=JobStatus.RUNNING)  # the second attempt
+        assert requeue_interrupted(db, "re-queued", max_attempts=2) == []
+    with db() as session:
+        states = {job_id: crud.get_job(session, job_id=job_id) for job_id in ids}
+        assert states[ids[0]].status == "failed" and states[ids[0]].attempts == 2
+        assert "stopped 2 times" in states[ids[0]].error["detail"]
+        assert states[ids[1]].status == "cancelled"
+        assert states[ids[2]].status == "queued"
+    engine.dispose()

@@ -30,19 +30,26 @@ _CLOSING = b"\n]\n"
 _KNOWN_IDS: dict[Path, tuple[tuple[int, int], set[str]]] = {}
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _parse(text: str) -> tuple[list[dict[str, Any]], bool]:
-    """The entries of an index file, and whether it was complete (not torn mid-append)."""
+    """The entries of an index file, and whether it was complete (not torn mid-append).
+
+    A torn file is read entry by entry from the start (each entry is one JSON object, whatever
+    the layout: ours has one per line, the seed's is indented), up to the unfinished one."""
     try:
         return list(json.loads(text)), True
     except json.JSONDecodeError:
-        entries = []
-        for line in text.splitlines():
-            line = line.strip().rstrip(",")
-            if line.startswith("{"):
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # the torn last line
+        entries: list[dict[str, Any]] = []
+        position = text.find("{")
+        while position != -1:
+            try:
+                entry, end = _DECODER.raw_decode(text, position)
+            except json.JSONDecodeError:
+                break  # the unfinished entry
+            entries.append(entry)
+            position = text.find("{", end)
         return entries, False
 
 
@@ -89,7 +96,9 @@ def update_results_index(path: Path, entry: dict[str, Any]) -> bool:
         else:
             text = path.read_text(encoding="utf-8") if path.is_file() else "[]\n"
             entries, complete = _parse(text)
-            complete = complete and (not entries or text.encode("utf-8").endswith(_CLOSING))
+            # In place only onto our own layout (one entry per line); any other (the seed's
+            # indented one, a torn file) is rewritten whole once.
+            complete = complete and text == format_index(entries)
             ids = {str(existing.get("id")) for existing in entries}
         if str(entry["id"]) in ids:
             return False
