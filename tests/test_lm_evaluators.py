@@ -114,3 +114,80 @@ def test_interference_is_signed_for_a_lower_is_better_metric(lm_session: EvalSes
     pick = result.tasks["pick"]
     assert pick.interference_delta == pytest.approx(pick.merged.primary - pick.reference.primary)
     assert result.objective == pytest.approx(min(echo.interference_delta, pick.interference_delta))
+
+
+def test_shared_prompt_label_scores_equal_one_sequence_per_label(llama_base: Path) -> None:
+    """Each prompt computed once (its cache expanded over the labels) gives the scores of one
+    forward pass per prompt + label sequence, to 1e-4 in log-probability, for prompts and labels
+    of different lengths."""
+    from merging_core.evaluation.evaluators import label_scores
+
+    model = LlamaForCausalLM.from_pretrained(llama_base).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 64, (length,), generator=generator).tolist() for length in (5, 1, 9, 3)]
+    labels = [torch.randint(3, 64, (length,), generator=generator).tolist() for length in (1, 3, 2, 4, 1)]
+    with torch.inference_mode():
+        shared = label_scores(model, prompts, labels, pad_id=0, device=torch.device("cpu"))
+        expected = torch.zeros(len(prompts), len(labels))
+        for i, prompt in enumerate(prompts):
+            for j, label in enumerate(labels):
+                logits = model(input_ids=torch.tensor([prompt + label])).logits.float()
+                log_probs = torch.log_softmax(logits[0], dim=-1)
+                expected[i, j] = sum(log_probs[len(prompt) + k - 1, token] for k, token in enumerate(label))
+    assert shared.shape == (len(prompts), len(labels))
+    torch.testing.assert_close(shared, expected, atol=1e-4, rtol=0)
+
+
+def _templated_workspace(lm_workspace: Path, target: Path, **settings: object) -> Path:
+    """The tiny LM workspace with the `pick` task's prompts written by a template."""
+    spec = yaml.safe_load(lm_workspace.read_text())
+    spec["base_model"]["path"] = str(lm_workspace.parent / "base")
+    for task in spec["tasks"].values():
+        task["data"] = {split: str(lm_workspace.parent / path) for split, path in task["data"].items()}
+    spec["tasks"]["pick"].update(settings)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "workspace.yaml").write_text(yaml.safe_dump(spec))
+    return target / "workspace.yaml"
+
+
+def test_prompt_template_and_label_prefix(lm_workspace: Path, lm_session: EvalSession, tmp_path: Path) -> None:
+    """The rendered prompt is what is scored, with `label_prefix` before each label; a template
+    naming a missing column is an error naming the column and the row."""
+    from merging_core.errors import ConfigError
+
+    template = "{text} sky sea"
+    workspace = load_workspace(_templated_workspace(lm_workspace, tmp_path / "ws", prompt_template=template,
+                                                    label_prefix=""))
+    session = EvalSession(workspace, lm_session.holder, tmp_path / "artifacts")
+    data = session.split_data("pick", "test")
+    assert data.texts == [template.format(**row) for row in _rows(lm_workspace, "pick")]
+    tokenizer, model = session.holder.tokenizer, session.holder.model
+    metrics = session.evaluate_output(session.task_output("pick"), ["pick"], "test", None)["pick"]
+    correct = 0
+    with session.holder.applied(session.task_output("pick")), torch.inference_mode():
+        for text, label in zip(data.texts, data.labels or []):
+            prompt = tokenizer(text)["input_ids"]
+            scores = []
+            for candidate in LABELS:
+                ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]  # label_prefix ""
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
+                scores.append(sum(float(log_probs[len(prompt) - 1 + k, t]) for k, t in enumerate(ids)))
+            correct += LABELS[scores.index(max(scores))] == label
+    assert metrics.primary == pytest.approx(correct / 10)
+    missing = load_workspace(_templated_workspace(lm_workspace, tmp_path / "bad", prompt_template="{text} {topic}"))
+    with pytest.raises(ConfigError, match="names column 'topic', which row 1 lacks"):
+        EvalSession(missing, lm_session.holder, tmp_path / "artifacts").split_data("pick", "test")
+
+
+def test_templated_lm_task_through_the_service(lm_workspace: Path, tmp_path: Path) -> None:
+    from app.settings import Settings
+    from tests.service_helpers import thread_server, wait_job
+
+    workspace = _templated_workspace(lm_workspace, tmp_path / "ws", prompt_template="{text} sky sea")
+    with thread_server(Settings(workspace=workspace, artifacts_dir=tmp_path / "artifacts")) as (client, _):
+        job = client.post("/merges", json={"adapters": ["pick", "echo"], "method": "task_vector",
+                                           "method_params": {"lambda": 0.5}, "eval_tasks": ["pick"]})
+        assert job.status_code == 202, job.text
+        done = wait_job(client, job.json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert set(done["result"]["evaluation"]["metrics"]) == {"pick"}

@@ -66,14 +66,33 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise ConfigError(f"unsupported data file {path}: use .jsonl, .csv or .parquet")
 
 
+def render_prompts(path: Path, rows: list[dict[str, Any]], template: str) -> list[str]:
+    """`template.format(**row)` for every row; a column it names that a row lacks is an error
+    naming the column and the row."""
+    prompts = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            prompts.append(template.format_map({k: "" if v is None else v for k, v in row.items()}))
+        except KeyError as exc:
+            raise ConfigError(
+                f"{path}: prompt_template names column {exc.args[0]!r}, which row {number} lacks "
+                f"(its columns: {', '.join(sorted(row))})"
+            ) from None
+        except (ValueError, IndexError) as exc:
+            raise ConfigError(f"prompt_template {template!r} is not a valid format string: {exc}") from None
+    return prompts
+
+
 def load_task_data(
     path: Path,
     *,
     text_column: str,
     label_column: str | None = None,
     reference_column: str | None = None,
+    prompt_template: str | None = None,
 ) -> TaskData:
-    """Read a split; a configured column that is missing is an error naming it."""
+    """Read a split; a configured column that is missing is an error naming it. With a
+    `prompt_template`, each input is the template filled from its row's columns."""
     rows = read_rows(path)
     if not rows:
         raise ConfigError(f"data file {path} has no rows")
@@ -85,7 +104,7 @@ def load_task_data(
         return [str(row[name]) for row in rows]
 
     return TaskData(
-        texts=column(text_column),
+        texts=render_prompts(path, rows, prompt_template) if prompt_template else column(text_column),
         labels=column(label_column) if label_column else None,
         references=column(reference_column) if reference_column else None,
     )

@@ -102,6 +102,7 @@ class EvalSession:
                 text_column=config.text_column,
                 label_column=config.label_column if evaluator.needs_labels else None,
                 reference_column=None if evaluator.needs_labels else config.reference_column,
+                prompt_template=config.prompt_template,
             )
         return self._data[key]
 

@@ -101,6 +101,15 @@ def _encode(ctx: EvalContext, texts: list[str]) -> dict[str, torch.Tensor]:
     return ctx.holder.encode(texts, ctx.task.max_length)
 
 
+def _chat(ctx: EvalContext, prompt: str) -> str:
+    """The prompt as a user turn in the tokenizer's chat template, the generation prompt added
+    (the prompt itself with `chat_template: false`)."""
+    if not ctx.task.chat_template:
+        return prompt
+    return str(ctx.holder.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False))
+
+
 def _require_labels(ctx: EvalContext) -> list[str]:
     if ctx.data.labels is None:
         raise EvaluationError(f"evaluator {ctx.task.evaluator!r} needs a label column")
@@ -125,37 +134,71 @@ def sequence_classification(ctx: EvalContext) -> tuple[dict[str, float], dict[st
     return classification_metrics(predictions, gold, ctx.labels)
 
 
+def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
+                 pad_id: int, device: torch.device) -> torch.Tensor:
+    """log P(label | prompt) for every (prompt, label) pair, each prompt computed once.
+
+    The prompts run once, left-padded, with a key/value cache; the cache is expanded over the
+    labels (`DynamicCache.batch_repeat_interleave`) and every label's tokens, right-padded, run
+    against it in one pass. Positions are explicit, so padding never shifts a token. The first
+    label token is scored from the prompt's last logits, the rest from the label pass. Equal to
+    one forward pass per (prompt + label) sequence, to float precision. Returns [prompts, labels].
+    """
+    from transformers import DynamicCache
+
+    n_prompts, n_labels = len(prompts), len(label_ids)
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                past_key_values=cache, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [prompts, vocab]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n_labels)
+    label_width = max(len(ids) for ids in label_ids)
+    labels = torch.tensor([list(ids) + [pad_id] * (label_width - len(ids)) for ids in label_ids], device=device)
+    label_mask = torch.tensor([[1] * len(ids) + [0] * (label_width - len(ids)) for ids in label_ids], device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    rows = n_prompts * n_labels
+    label_positions = (lengths.repeat_interleave(n_labels)[:, None]
+                       + torch.arange(label_width, device=device)[None, :])
+    out = model(input_ids=labels.repeat(n_prompts, 1),
+                attention_mask=torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0),
+                                          label_mask.repeat(n_prompts, 1)], dim=1),
+                position_ids=label_positions, past_key_values=cache, use_cache=True)
+    log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [rows, label_width, vocab]
+    targets = labels.repeat(n_prompts, 1)
+    scores = first.repeat_interleave(n_labels, dim=0).gather(1, targets[:, :1]).squeeze(1)
+    if label_width > 1:
+        later = log_probs[:, :-1, :].gather(2, targets[:, 1:, None]).squeeze(2)  # [rows, width-1]
+        scores = scores + (later * label_mask.repeat(n_prompts, 1)[:, 1:]).sum(dim=1)
+    return scores.view(n_prompts, n_labels) if rows else scores
+
+
 def causal_lm_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
-    """Score each label's text as a continuation of the input; pick the most likely."""
+    """Score each label's text as a continuation of the input; pick the most likely.
+
+    Tokens: the prompt's ids (truncated to `max_length`), then the ids of `label_prefix + label`
+    tokenized on its own. Each prompt is computed once for all labels (`label_scores`)."""
     gold = _require_labels(ctx)
     tokenizer = ctx.holder.tokenizer
-    label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in ctx.labels]
+    prefix = ctx.task.effective_label_prefix
+    label_ids = [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in ctx.labels]
     predictions: list[str] = [""] * len(ctx.data)
+    # A batch holds about batch_size sequences' worth of label rows, as before.
     batches = length_sorted_batches(ctx.data.texts, max(1, ctx.task.batch_size // len(ctx.labels)))
+    pad = tokenizer.pad_token_id or 0
     with torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             check(ctx.cancel)
-            sequences, spans = [], []
-            for index in batch:
-                prompt = tokenizer(ctx.data.texts[index], truncation=True,
-                                   max_length=ctx.task.max_length)["input_ids"]
-                for ids in label_ids:
-                    sequences.append(prompt + ids)
-                    spans.append((len(prompt), len(ids)))
-            width = max(len(s) for s in sequences)
-            pad = tokenizer.pad_token_id or 0
-            input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-            logits = ctx.holder.model(
-                input_ids=input_ids.to(ctx.holder.device), attention_mask=mask.to(ctx.holder.device)
-            ).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            scores = []
-            for row, (start, length) in enumerate(spans):
-                positions = torch.arange(start - 1, start + length - 1, device=log_probs.device)
-                targets = input_ids[row, start : start + length].to(log_probs.device)
-                scores.append(float(log_probs[row, positions, targets].sum()))
-            per_example = torch.tensor(scores).view(len(batch), len(ctx.labels))
+            # A chat template brings its own special tokens.
+            prompts = [tokenizer(_chat(ctx, ctx.data.texts[index]), truncation=True,
+                                 max_length=ctx.task.max_length,
+                                 add_special_tokens=not ctx.task.chat_template)["input_ids"]
+                       for index in batch]
+            per_example = label_scores(ctx.holder.model, prompts, label_ids, pad, ctx.holder.device)
             for index, label_id in zip(batch, per_example.argmax(dim=-1).tolist()):
                 predictions[index] = ctx.labels[label_id]
             report(ctx.progress, done, len(batches), "batch")
@@ -181,7 +224,7 @@ def generation(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, 
     with torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             check(ctx.cancel)
-            encoded = _encode(ctx, [ctx.data.texts[i] for i in batch])
+            encoded = _encode(ctx, [_chat(ctx, ctx.data.texts[i]) for i in batch])
             generated = ctx.holder.model.generate(
                 **encoded, max_new_tokens=ctx.task.max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

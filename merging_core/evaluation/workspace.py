@@ -71,6 +71,18 @@ class TaskConfig(BaseModel):
     batch_size: int = Field(default=32, ge=1)
     max_length: int = Field(default=128, ge=1)
     max_new_tokens: int = Field(default=32, ge=1, description="generation evaluators")
+    prompt_template: str | None = Field(
+        default=None, description='a format string over the row\'s columns, e.g. "Text: {text}\\nIntent:"')
+    chat_template: bool = Field(
+        default=False, description="wrap the prompt as a user turn in the tokenizer's chat template")
+    label_prefix: str | None = Field(
+        default=None, description='put before each label when scoring it (default " ", "" with chat_template)')
+
+    @property
+    def effective_label_prefix(self) -> str:
+        if self.label_prefix is not None:
+            return self.label_prefix
+        return "" if self.chat_template else " "
 
 
 class WorkspaceFile(BaseModel):
