@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make serve WORKSPACE=workspaces/causal/workspace.yaml serves another workspace.
 serve: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/lora-merge serve
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lora-merge serve $(if $(WORKSPACE),--workspace $(WORKSPACE))
 
 # The /docs rendering test drives Debian's chromium headless.
 browser:

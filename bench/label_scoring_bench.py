@@ -113,7 +113,7 @@ def run_case(name: str, task: str, n_labels: int, rows: int, model: torch.nn.Mod
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=40, help="stratified test rows per case")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS_FILE}")
     args = parser.parse_args(argv)

@@ -152,10 +152,13 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                past_key_values=cache, use_cache=True)
+    # Only the last prompt position's logits are needed (the first label token's score).
+    model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+          position_ids=prompt_positions[:, :-1], cache=cache, use_cache=True, logits_to_keep=1) \
+        if width > 1 else None
+    out = model(input_ids=prompt_ids[:, -1:], attention_mask=prompt_mask, position_ids=prompt_positions[:, -1:],
+                cache=cache, use_cache=True)
     first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [prompts, vocab]
-    cache = out.past_key_values
     cache.batch_repeat_interleave(n_labels)
     label_width = max(len(ids) for ids in label_ids)
     labels = torch.tensor([list(ids) + [pad_id] * (label_width - len(ids)) for ids in label_ids], device=device)
@@ -167,12 +170,13 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     out = model(input_ids=labels.repeat(n_prompts, 1),
                 attention_mask=torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0),
                                           label_mask.repeat(n_prompts, 1)], dim=1),
-                position_ids=label_positions, past_key_values=cache, use_cache=True)
-    log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [rows, label_width, vocab]
+                position_ids=label_positions, cache=cache, use_cache=True)
     targets = labels.repeat(n_prompts, 1)
     scores = first.repeat_interleave(n_labels, dim=0).gather(1, targets[:, :1]).squeeze(1)
     if label_width > 1:
-        later = log_probs[:, :-1, :].gather(2, targets[:, 1:, None]).squeeze(2)  # [rows, width-1]
+        logits = out.logits[:, : label_width - 1].float()  # [rows, width-1, vocab]
+        # log-softmax at the targets only: logit - logsumexp (no [rows, width, vocab] copy)
+        later = logits.gather(2, targets[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
         scores = scores + (later * label_mask.repeat(n_prompts, 1)[:, 1:]).sum(dim=1)
     return scores.view(n_prompts, n_labels) if rows else scores
 
