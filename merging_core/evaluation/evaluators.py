@@ -164,21 +164,40 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     labels = torch.tensor([list(ids) + [pad_id] * (label_width - len(ids)) for ids in label_ids], device=device)
     label_mask = torch.tensor([[1] * len(ids) + [0] * (label_width - len(ids)) for ids in label_ids], device=device)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    rows = n_prompts * n_labels
     label_positions = (lengths.repeat_interleave(n_labels)[:, None]
                        + torch.arange(label_width, device=device)[None, :])
-    out = model(input_ids=labels.repeat(n_prompts, 1),
-                attention_mask=torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0),
-                                          label_mask.repeat(n_prompts, 1)], dim=1),
-                position_ids=label_positions, cache=cache, use_cache=True)
     targets = labels.repeat(n_prompts, 1)
     scores = first.repeat_interleave(n_labels, dim=0).gather(1, targets[:, :1]).squeeze(1)
-    if label_width > 1:
-        logits = out.logits[:, : label_width - 1].float()  # [rows, width-1, vocab]
+    if label_width == 1:
+        return scores.view(n_prompts, n_labels)
+    inputs = {"input_ids": targets, "position_ids": label_positions, "cache": cache, "use_cache": True,
+              "attention_mask": torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0),
+                                           label_mask.repeat(n_prompts, 1)], dim=1)}
+    scored = label_mask.repeat(n_prompts, 1)[:, 1:].bool()  # [rows, width-1]: predicts a label token
+    if _plain_output_layer(model):
+        # The output layer (the whole vocabulary) only where a label token is predicted, not
+        # on padding or on each label's last token: at many labels it is most of the work.
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, : label_width - 1]
+        logits = model.get_output_embeddings()(hidden[scored]).float()  # [scored, vocab]
+        picked = logits.gather(1, targets[:, 1:][scored][:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        later = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)
+        later[scored] = picked
+    else:
+        logits = model(**inputs).logits[:, : label_width - 1].float()  # [rows, width-1, vocab]
         # log-softmax at the targets only: logit - logsumexp (no [rows, width, vocab] copy)
-        later = logits.gather(2, targets[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
-        scores = scores + (later * label_mask.repeat(n_prompts, 1)[:, 1:]).sum(dim=1)
-    return scores.view(n_prompts, n_labels) if rows else scores
+        later = (logits.gather(2, targets[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)) * scored
+    return (scores + later.sum(dim=1)).view(n_prompts, n_labels)
+
+
+def _plain_output_layer(model: Any) -> bool:
+    """Whether logits are just the output layer applied to the decoder's last hidden states (no
+    soft-capping or scaling after it), so it may be applied at chosen positions only."""
+    config = model.config
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) in (None, 1.0))
+
+
 
 
 def causal_lm_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
