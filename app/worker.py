@@ -48,7 +48,7 @@ def plan_job(kind: JobKind, config: MergeConfig, workspace: Workspace,
             raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")
         return plan_sweep(config, workspace, adapter_cache=adapter_cache)
     plan = plan_merge(config, workspace.task_registry(), adapter_cache=adapter_cache,
-                      task_evaluators={name: task.evaluator for name, task in workspace.tasks.items()})
+                      task_evaluators=workspace.task_evaluators())
     for task in config.eval_tasks or []:
         workspace.task(task)  # unknown task -> ConfigError naming the known ones
     if kind is JobKind.EVALUATE and not (config.eval_tasks or any(a in workspace.tasks

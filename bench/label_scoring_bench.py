@@ -23,7 +23,6 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 from common import RESULTS_DIR, ROOT, cpu_line, publish, utc_stamp, versions_line
 
@@ -56,7 +55,7 @@ def old_scores(model: torch.nn.Module, prompts: Sequence[list[int]], label_ids: 
     return torch.tensor(scores).view(len(prompts), len(label_ids))
 
 
-def rows_for(texts: list[str], labels: list[str], keep: list[str], count: int) -> list[int]:
+def rows_for(labels: list[str], keep: list[str], count: int) -> list[int]:
     by_label: dict[str, list[int]] = defaultdict(list)
     for index, label in enumerate(labels):
         if label in keep:
@@ -77,7 +76,7 @@ def run_case(name: str, task: str, n_labels: int, rows: int, model: torch.nn.Mod
                           label_column=config.label_column, prompt_template=config.prompt_template)
     assert data.labels is not None
     labels = sorted(set(data.labels))[:n_labels]
-    chosen = rows_for(data.texts, data.labels, labels, rows)
+    chosen = rows_for(data.labels, labels, rows)
     texts = [data.texts[i] for i in chosen]
     label_ids = [tokenizer(config.effective_label_prefix + label, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
                  for label in labels]

@@ -168,7 +168,7 @@ class EvalSession:
         return self.workspace.task(task).evaluator
 
     def task_evaluators(self) -> dict[str, str]:
-        return {name: task.evaluator for name, task in self.workspace.tasks.items()}
+        return self.workspace.task_evaluators()
 
     def max_length(self, task: str) -> int:
         return self.workspace.task(task).max_length

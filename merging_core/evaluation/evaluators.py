@@ -153,9 +153,9 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     # Only the last prompt position's logits are needed (the first label token's score).
-    model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-          position_ids=prompt_positions[:, :-1], cache=cache, use_cache=True, logits_to_keep=1) \
-        if width > 1 else None
+    if width > 1:
+        model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
+              position_ids=prompt_positions[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
     out = model(input_ids=prompt_ids[:, -1:], attention_mask=prompt_mask, position_ids=prompt_positions[:, -1:],
                 cache=cache, use_cache=True)
     first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [prompts, vocab]

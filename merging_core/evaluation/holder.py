@@ -258,11 +258,7 @@ class ModelHolder:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             yield self
             return
-        copy = ModelHolder(self.model_path, model_class=self.model_class, dtype="float32", device="cpu")
-        try:
-            yield copy
-        finally:
-            del copy
+        yield ModelHolder(self.model_path, model_class=self.model_class, dtype="float32", device="cpu")
 
     def weights_fingerprint(self) -> dict[str, torch.Tensor]:
         """A copy of every parameter, for tests that check bit-identical restores."""

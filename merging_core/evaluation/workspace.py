@@ -134,6 +134,10 @@ class Workspace:
             )
         return self.resolve(config.data[split])
 
+    def task_evaluators(self) -> dict[str, str]:
+        """Each task's evaluator kind (what optimizers check a plan against)."""
+        return {name: task.evaluator for name, task in self.spec.tasks.items()}
+
     def task_registry(self) -> dict[str, Path]:
         return {name: self.adapter_path(name) for name in self.spec.tasks}
 

@@ -172,7 +172,7 @@ def plan_sweep(
     first = parse_merge_config({**config.model_dump(exclude_unset=True), "method_params": params,
                                 "lambda_policy": policy})
     base = plan_merge(first, workspace.task_registry(), adapter_cache=adapter_cache,
-                      task_evaluators={name: t.evaluator for name, t in workspace.tasks.items()})
+                      task_evaluators=workspace.task_evaluators())
     context = _context(config, tasks)
     plan = SweepPlan(config=config, base=base, tasks=tuple(tasks), dimensions=tuple(dimensions),
                      sweep_id=_sweep_id(config, context), context=context)
@@ -262,13 +262,13 @@ class Sweep:
             proposer.observe([trial])
             if on_trial is not None:
                 on_trial(trial)
-            improved = best is None or trial.objective > best.objective
-            if improved:
+            message = f"trial {trial.index} objective {trial.objective:.4f}"
+            if best is None or trial.objective > best.objective:  # a new best: always reported
                 best = trial
-            assert best is not None
-            news = {"best": {"index": best.index, "objective": best.objective, "point": best.point}}
-            report(progress, len(trials), self.total, f"trial {trial.index} objective {trial.objective:.4f}",
-                   **(news if improved else {}))
+                report(progress, len(trials), self.total, message,
+                       best={"index": best.index, "objective": best.objective, "point": best.point})
+            else:
+                report(progress, len(trials), self.total, message)
             if evaluated and time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
                 self._write_summary(trials, warm, skipped, complete=False)
                 summary_written = time.monotonic()
