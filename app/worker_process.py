@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,7 +115,7 @@ def worker_main(settings: Settings, inbox: Any, outbox: Any) -> None:
         return
     plans: dict[str, JobPlan] = {}
     holder = evaluator.holder
-    outbox.put(("ready", {"device": str(holder.device), "model": workspace.base_model_path().name,
+    outbox.put(("ready", {"device": str(holder.device), "model": _model_name(workspace),
                           "pid": os.getpid(), "model_loads": ModelHolder.load_count}))
 
     def listen() -> None:
@@ -159,6 +160,12 @@ def worker_threads_default() -> int:
     of 2 cores the worker kept 47-56% of its unloaded trials/s under API load, with one 84-97%."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, usable - 1)
+
+
+def _model_name(workspace: Any) -> str:
+    """The base model's name as the workspace gives it (a GGUF's file stem, not its cache path)."""
+    base = workspace.spec.base_model
+    return Path(base.gguf).stem if base.gguf else workspace.base_model_path().name
 
 
 def _exit_with_parent() -> None:
