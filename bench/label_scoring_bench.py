@@ -6,10 +6,11 @@ on the same stratified rows of each task's test split with its prompt template, 
 - `old`: every (prompt + label) sequence in one padded batch, as `causal_lm_label_scoring`
   did before (batch_size // labels prompts a batch);
 - `shared`: `merging_core.evaluation.evaluators.label_scores` (the prompts run once, their
-  key/value cache expanded over the labels), on the same batches.
+  labels packed behind its key/value cache), on the same batches.
 It reports seconds per 100 rows, the largest score difference, whether the predictions are
 identical, and the token-count ceiling on the speedup: tokens the old path computes over the
-tokens the shared path computes. Goals: at least 3x faster at 10 labels; at 77 labels, at
+tokens the shared path computes. With `--write` it writes bench/results/label_scoring_bench_cpu.md
+and the README's table. Goals: at least 3x faster at 10 labels; at 77 labels, at
 least 0.8 of the ceiling.
 
     .venv/bin/python bench/label_scoring_bench.py --write    # minutes on 2 cores
@@ -24,7 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 
-from common import RESULTS_DIR, ROOT, cpu_line, publish, utc_stamp, versions_line
+from common import RESULTS_DIR, ROOT, cpu_line, publish, replace_marked_block, utc_stamp, versions_line
 
 import torch  # noqa: E402
 
@@ -136,16 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             verdicts.append(f"- Goal: at 77 labels at least 0.8 of the ceiling ({ceiling:.2f}x): "
                             f"{speedup:.2f}x = {speedup / ceiling:.2f} of it -> "
                             f"**{'PASS' if speedup >= 0.8 * ceiling and same else 'FAIL'}**")
+    table = ["| case | rows | old s / 100 rows | shared s / 100 rows | speedup | token ceiling "
+             "| of ceiling | max score diff | same predictions |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, "", *verdicts]
     text = "\n".join([
         "# Label scoring: one sequence per label vs each prompt computed once (CPU)", "",
         f"- date (UTC): {utc_stamp()}", f"- {cpu_line(0.0)}",
         f"- versions: {versions_line('torch', 'transformers')}",
         "- model: SmolLM2-135M-Instruct (the causal workspace's base, float32), stratified test rows",
-        "", "| case | rows | old s / 100 rows | shared s / 100 rows | speedup | token ceiling "
-        "| of ceiling | max score diff | same predictions |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, "", *verdicts, "",
+        "", *table, "",
     ])
     publish(text, RESULTS_FILE if args.write else None)
+    if args.write:
+        replace_marked_block(ROOT / "README.md", "<!-- label-scoring:start -->", "<!-- label-scoring:end -->",
+                             [f"{args.rows} stratified test rows per case; {utc_stamp()} UTC; "
+                              f"{versions_line('torch', 'transformers')}.", "", *table])
     return 0
 
 

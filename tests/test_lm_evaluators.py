@@ -116,13 +116,14 @@ def test_interference_is_signed_for_a_lower_is_better_metric(lm_session: EvalSes
     assert result.objective == pytest.approx(min(echo.interference_delta, pick.interference_delta))
 
 
-def test_shared_prompt_label_scores_equal_one_sequence_per_label(llama_base: Path) -> None:
-    """Each prompt computed once (its cache expanded over the labels) gives the scores of one
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_label_scores_equal_one_sequence_per_label(llama_base: Path, attention: str) -> None:
+    """Each prompt computed once (its labels packed behind its cache) gives the scores of one
     forward pass per prompt + label sequence, to 1e-4 in log-probability, for prompts and labels
-    of different lengths."""
+    of different lengths, under both attention implementations."""
     from merging_core.evaluation.evaluators import label_scores
 
-    model = LlamaForCausalLM.from_pretrained(llama_base).eval()
+    model = LlamaForCausalLM.from_pretrained(llama_base, attn_implementation=attention).eval()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 64, (length,), generator=generator).tolist() for length in (5, 1, 9, 3)]
     labels = [torch.randint(3, 64, (length,), generator=generator).tolist() for length in (1, 3, 2, 4, 1)]

@@ -138,11 +138,13 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
                  pad_id: int, device: torch.device) -> torch.Tensor:
     """log P(label | prompt) for every (prompt, label) pair, each prompt computed once.
 
-    The prompts run once, left-padded, with a key/value cache; the cache is expanded over the
-    labels (`DynamicCache.batch_repeat_interleave`) and every label's tokens, right-padded, run
-    against it in one pass. Positions are explicit, so padding never shifts a token. The first
-    label token is scored from the prompt's last logits, the rest from the label pass. Equal to
-    one forward pass per (prompt + label) sequence, to float precision. Returns [prompts, labels].
+    The prompts run once, left-padded, with a key/value cache (`DynamicCache`). Then every
+    label's tokens, packed one after another into one row per prompt, run against that cache
+    with a 4D attention mask: each label token sees its prompt and the earlier tokens of its own
+    label, never another label, and its position continues from the prompt's end. Packing wastes
+    nothing on padding and never copies the cache. The first label token is scored from the
+    prompt's last logits, the rest from the label pass. Equal to one forward pass per
+    (prompt + label) sequence, to float precision. Returns [prompts, labels].
     """
     from transformers import DynamicCache
 
@@ -159,34 +161,42 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     out = model(input_ids=prompt_ids[:, -1:], attention_mask=prompt_mask, position_ids=prompt_positions[:, -1:],
                 cache=cache, use_cache=True)
     first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [prompts, vocab]
-    cache.batch_repeat_interleave(n_labels)
-    label_width = max(len(ids) for ids in label_ids)
-    labels = torch.tensor([list(ids) + [pad_id] * (label_width - len(ids)) for ids in label_ids], device=device)
-    label_mask = torch.tensor([[1] * len(ids) + [0] * (label_width - len(ids)) for ids in label_ids], device=device)
+    starts = [0]
+    for ids in label_ids:
+        starts.append(starts[-1] + len(ids))
+    packed = torch.tensor([token for ids in label_ids for token in ids], device=device)  # [T]
+    scores = first[:, packed[starts[:-1]]]  # [prompts, labels]: each label's first token
+    if starts[-1] == n_labels:  # every label is one token
+        return scores
+    total = starts[-1]
+    owner = torch.repeat_interleave(torch.arange(n_labels, device=device),
+                                    torch.tensor([len(ids) for ids in label_ids], device=device))  # [T]
+    offset = torch.arange(total, device=device) - torch.tensor(starts[:-1], device=device)[owner]
+    # Label token q sees label token k when both belong to one label and k is not after q.
+    among = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])  # [T, T]
+    sees = torch.cat([prompt_mask.bool()[:, None, :].expand(n_prompts, total, width),
+                      among[None].expand(n_prompts, total, total)], dim=2)[:, None]  # [prompts, 1, T, width+T]
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    label_positions = (lengths.repeat_interleave(n_labels)[:, None]
-                       + torch.arange(label_width, device=device)[None, :])
-    targets = labels.repeat(n_prompts, 1)
-    scores = first.repeat_interleave(n_labels, dim=0).gather(1, targets[:, :1]).squeeze(1)
-    if label_width == 1:
-        return scores.view(n_prompts, n_labels)
-    inputs = {"input_ids": targets, "position_ids": label_positions, "cache": cache, "use_cache": True,
-              "attention_mask": torch.cat([prompt_mask.repeat_interleave(n_labels, dim=0),
-                                           label_mask.repeat(n_prompts, 1)], dim=1)}
-    scored = label_mask.repeat(n_prompts, 1)[:, 1:].bool()  # [rows, width-1]: predicts a label token
+    inputs = {"input_ids": packed.expand(n_prompts, total), "attention_mask": mask, "cache": cache,
+              "use_cache": True, "position_ids": lengths[:, None] + offset[None, :]}
+    # A packed token predicts the next token of its own label unless it is its label's last.
+    scored = torch.ones(total, dtype=torch.bool, device=device)
+    scored[torch.tensor(starts[1:], device=device) - 1] = False
+    targets = packed[1:][scored[:-1]]  # [S]: the tokens predicted at the scored positions
     if _plain_output_layer(model):
-        # The output layer (the whole vocabulary) only where a label token is predicted, not
-        # on padding or on each label's last token: at many labels it is most of the work.
-        hidden = model.get_decoder()(**inputs).last_hidden_state[:, : label_width - 1]
-        logits = model.get_output_embeddings()(hidden[scored]).float()  # [scored, vocab]
-        picked = logits.gather(1, targets[:, 1:][scored][:, None]).squeeze(1) - torch.logsumexp(logits, -1)
-        later = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)
-        later[scored] = picked
+        # The output layer (the whole vocabulary) only where a label token is predicted: at many
+        # labels it is most of the work.
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, scored]  # [prompts, S, hidden]
+        logits = model.get_output_embeddings()(hidden).float()
     else:
-        logits = model(**inputs).logits[:, : label_width - 1].float()  # [rows, width-1, vocab]
-        # log-softmax at the targets only: logit - logsumexp (no [rows, width, vocab] copy)
-        later = (logits.gather(2, targets[:, 1:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)) * scored
-    return (scores + later.sum(dim=1)).view(n_prompts, n_labels)
+        logits = model(**inputs).logits[:, scored].float()  # [prompts, S, vocab]
+    # log-softmax at the targets only: logit - logsumexp (no second [.., vocab] copy)
+    picked = logits.gather(2, targets.expand(n_prompts, -1)[:, :, None]).squeeze(2) - torch.logsumexp(logits, -1)
+    later = torch.zeros(n_prompts, n_labels, dtype=picked.dtype, device=device)
+    later.index_add_(1, owner[scored], picked)
+    return scores + later
 
 
 def _plain_output_layer(model: Any) -> bool:
@@ -196,8 +206,6 @@ def _plain_output_layer(model: Any) -> bool:
     return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
             and getattr(config, "final_logit_softcapping", None) is None
             and getattr(config, "logit_scale", None) in (None, 1.0))
-
-
 
 
 def causal_lm_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
