@@ -98,7 +98,8 @@ def classification_metrics(
 
 
 def _encode(ctx: EvalContext, texts: list[str]) -> dict[str, torch.Tensor]:
-    return ctx.holder.encode(texts, ctx.task.max_length)
+    # A chat template brings its own special tokens; adding them again would double the BOS.
+    return ctx.holder.encode(texts, ctx.task.max_length, add_special_tokens=not ctx.task.chat_template)
 
 
 def _chat(ctx: EvalContext, prompt: str) -> str:

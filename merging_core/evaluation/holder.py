@@ -113,16 +113,19 @@ class ModelHolder:
 
     # --- inputs ----------------------------------------------------------------------------
 
-    def encode(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-        """Tokenise one padded batch onto the model's device. Sweeps evaluate the same batches
+    def encode(self, texts: Sequence[str], max_length: int,
+               add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+        """Tokenise one padded batch onto the model's device (`add_special_tokens=False` for text
+        that brings its own, e.g. a rendered chat template). Sweeps evaluate the same batches
         every trial, so recent batches are kept (bounded LRU) instead of re-tokenised."""
-        key = (max_length, str(self.tokenizer.padding_side), tuple(texts))
+        key = (max_length, str(self.tokenizer.padding_side), add_special_tokens, tuple(texts))
         cached = self._encodings.get(key)
         if cached is not None:
             self._encodings.move_to_end(key)
             return cached
         encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+            add_special_tokens=add_special_tokens,
         )
         batch = {name: tensor.to(self.device) for name, tensor in encoded.items()}
         self._encodings[key] = batch
