@@ -1,18 +1,25 @@
-"""Does merging work here? Merge results on the demo workspace, measured end to end.
+"""Does merging work here? Merge results on a demo workspace, measured end to end.
 
-Rows: each task's own adapter alone (evaluated on every task), uniform, task_vector at its best
-lambda, ties, dare_ties, the best point of a bayes sweep over weighted_delta's per-adapter
-weights (and AdaMerging when `--adamerging` is given). Columns: each task's test accuracy, its
-interference delta (merged - the task's own adapter), the min-delta objective and the mean
-accuracy.
+`--workspace demo` (default): the text demo (all-MiniLM-L6-v2, a head per task), full test
+splits. `--workspace causal`: the causal-LM workspace (SmolLM2-135M-Instruct, label likelihood),
+on fixed stratified test subsets (300 rows per task: full Banking77 at 77 labels is hours on two
+cores).
+
+Rows: the base model (causal only: the text demo's base has no task heads of its own), each
+task's own adapter alone (evaluated on every task), uniform, task_vector at its best lambda,
+ties, dare_ties, the best point of a bayes sweep over weighted_delta's per-adapter weights (and
+AdaMerging when `--adamerging` is given). Columns: each task's test accuracy, its interference
+delta (merged - the task's own adapter), the min-delta objective, the min normalised score
+(merged over own adapter, worst task) and the mean accuracy.
 
 Coefficients are chosen on a stratified subset of the *train* split (never on test), then the
-chosen merge is evaluated on the full test split.
+chosen merge is evaluated on the test split (or its fixed subset).
 
-    .venv/bin/python bench/demo_results.py            # prints the table
-    .venv/bin/python bench/demo_results.py --write    # also writes bench/results/demo_results.md
+    .venv/bin/python bench/demo_results.py                       # prints the demo table
+    .venv/bin/python bench/demo_results.py --write               # also writes it into the README
+    .venv/bin/python bench/demo_results.py --workspace causal --write
 
-No number in the table is typed by hand; the README's results table is this file's output.
+No number in the tables is typed by hand; the README's results tables are this file's output.
 """
 
 from __future__ import annotations
@@ -33,42 +40,81 @@ import torch
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig, parse_merge_config
 from merging_core.evaluation.evaluate import EvalSession, EvaluationResult
+from merging_core.evaluation.evaluators import EvalMetrics
 from merging_core.search import run_sweep
 from merging_core.evaluation.workspace import load_workspace
 
 TASKS = ["intent", "banking", "sentiment"]
-RESULTS = RESULTS_DIR / "demo_results.md"
-SELECTION = EvalSubsetConfig(max_samples=300, stratified=True, seed=0)
-TASK_VECTOR_LAMBDAS = [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the two demo workspaces' tables."""
+
+    workspace: Path
+    results: Path  # the report under bench/results/
+    marker: str  # the README block between <!-- {marker}:start --> and <!-- {marker}:end -->
+    test_subset: EvalSubsetConfig | None  # None: the full test split
+    selection: EvalSubsetConfig  # the train subset coefficients are chosen on
+    lambdas: tuple[float, ...]  # task_vector lambdas tried
+    budget: int  # bayes sweep trials (default)
+    base_row: bool
+    describe: str  # the note under the table
+
+
+PROFILES = {
+    "demo": Profile(
+        workspace=ROOT / "workspaces/demo/workspace.yaml", results=RESULTS_DIR / "demo_results.md",
+        marker="demo-results", test_subset=None,
+        selection=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
+        lambdas=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2), budget=20,
+        base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)"),
+    "causal": Profile(
+        workspace=ROOT / "workspaces/causal/workspace.yaml", results=RESULTS_DIR / "causal_results.md",
+        marker="causal-results", test_subset=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
+        selection=EvalSubsetConfig(max_samples=60, stratified=True, seed=0),
+        lambdas=(0.3, 0.5, 0.7, 1.0), budget=10, base_row=True,
+        describe=("Causal workspace (SmolLM2-135M-Instruct), fixed stratified test subsets of 300 rows "
+                  "per task (seed 0); coefficients chosen on 60-row stratified train subsets")),
+}
 
 
 @dataclass
 class Row:
     name: str
     detail: str
-    result: EvaluationResult
+    merged: dict[str, EvalMetrics]  # task -> this row's metrics
+    reference: dict[str, EvalMetrics]  # task -> its own adapter's metrics
+
+    @classmethod
+    def of(cls, name: str, detail: str, result: EvaluationResult) -> Row:
+        return cls(name, detail, {t: result.tasks[t].merged for t in TASKS},
+                   {t: result.tasks[t].reference for t in TASKS})
 
     def cells(self) -> list[str]:
-        accuracy = [f"{self.result.tasks[t].merged.primary:.4f}" for t in TASKS]
-        deltas = [f"{self.result.tasks[t].interference_delta:+.4f}" for t in TASKS]
-        mean = sum(self.result.tasks[t].merged.primary for t in TASKS) / len(TASKS)
-        return [self.name, self.detail, *accuracy, *deltas, f"{self.result.objective:+.4f}", f"{mean:.4f}"]
+        accuracy = {t: self.merged[t].primary for t in TASKS}
+        deltas = {t: accuracy[t] - self.reference[t].primary for t in TASKS}
+        normalized = min(accuracy[t] / self.reference[t].primary for t in TASKS)
+        mean = sum(accuracy.values()) / len(TASKS)
+        return [self.name, self.detail, *(f"{accuracy[t]:.4f}" for t in TASKS),
+                *(f"{deltas[t]:+.4f}" for t in TASKS), f"{min(deltas.values()):+.4f}", f"{normalized:.3f}",
+                f"{mean:.4f}"]
 
 
-def evaluate_config(session: EvalSession, config: dict, split: str = "test",
-                    subset: EvalSubsetConfig | None = None) -> EvaluationResult:
+def evaluate_config(session: EvalSession, config: dict, split: str,
+                    subset: EvalSubsetConfig | None) -> EvaluationResult:
     merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root)
     return session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, split=split,
                                   subset=subset, run_dir=merged.run_dir)
 
 
-def best_task_vector(session: EvalSession) -> float:
+def best_task_vector(session: EvalSession, profile: Profile) -> float:
     """The task_vector lambda with the best mean accuracy on the train selection subset (the
     scalar rival AdaMerging has to beat; ties go to the better min-delta)."""
     scores = {}
-    for lam in TASK_VECTOR_LAMBDAS:
+    for lam in profile.lambdas:
         result = evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
-                                           "method_params": {"lambda": lam}}, "train", SELECTION)
+                                           "method_params": {"lambda": lam}}, "train", profile.selection)
         mean = sum(result.tasks[t].merged.primary for t in TASKS) / len(TASKS)
         scores[lam] = (mean, result.objective)
         logging.info("task_vector lambda=%s train-subset mean acc %.4f, objective %.4f", lam, mean,
@@ -76,11 +122,11 @@ def best_task_vector(session: EvalSession) -> float:
     return max(scores, key=lambda lam: scores[lam])
 
 
-def best_bayes_point(session: EvalSession, budget: int) -> list[float]:
+def best_bayes_point(session: EvalSession, profile: Profile, budget: int) -> list[float]:
     config = parse_merge_config({
         "adapters": TASKS, "method": "weighted_delta", "split": "train",
-        "eval_subset": SELECTION.model_dump(),
-        "search": {"type": "bayes", "budget": budget, "init_points": min(8, budget), "seed": 0,
+        "eval_subset": profile.selection.model_dump(),
+        "search": {"type": "bayes", "budget": budget, "init_points": min(8, budget // 2 + 1), "seed": 0,
                    "space": {"lambda": {"min": 0.0, "max": 1.5, "per_adapter": True}}},
     })
     result = run_sweep(config, session)
@@ -89,52 +135,65 @@ def best_bayes_point(session: EvalSession, budget: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
-    parser.add_argument("--budget", type=int, default=20, help="bayes sweep trials")
+    parser.add_argument("--workspace", choices=sorted(PROFILES), default="demo")
+    parser.add_argument("--write", action="store_true", help="write the report and the README table")
+    parser.add_argument("--budget", type=int, default=None, help="bayes sweep trials (demo 20, causal 10)")
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: temp)")
     parser.add_argument("--adamerging", action="store_true", help="add an AdaMerging row")
     args = parser.parse_args()
+    profile = PROFILES[args.workspace]
+    budget = args.budget or profile.budget
     setup_logging(quiet_libraries=False)
     torch.manual_seed(0)
     started = time.perf_counter()
     artifacts = args.artifacts or Path(mkdtemp(prefix="demo_results_"))
-    session = EvalSession.from_workspace(load_workspace(ROOT / "workspaces/demo/workspace.yaml"),
-                                         artifacts, device="cpu")
+    session = EvalSession.from_workspace(load_workspace(profile.workspace), artifacts, device="cpu")
+    test = profile.test_subset
     rows: list[Row] = []
     for task in TASKS:
-        result = session.evaluate_merge(session.task_output(task), merge_tag=f"single_{task}",
-                                        tasks=TASKS, layout=("single", [task]))
-        rows.append(Row(f"{task} adapter alone", "its own LoRA, each task's head", result))
-    rows.append(Row("uniform", "mean of deltas", evaluate_config(session, {"adapters": TASKS, "method": "uniform"})))
-    lam = best_task_vector(session)
-    rows.append(Row("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(TASK_VECTOR_LAMBDAS)} tried)",
-                    evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
-                                              "method_params": {"lambda": lam}})))
-    rows.append(Row("ties", "k=20, lambda=1", evaluate_config(session, {"adapters": TASKS, "method": "ties"})))
-    rows.append(Row("dare_ties", "density=0.5, seed=0",
-                    evaluate_config(session, {"adapters": TASKS, "method": "dare_ties"})))
-    weights = best_bayes_point(session, args.budget)
-    rows.append(Row("bayes sweep best", "weighted_delta, lambda=[" + ", ".join(f"{w:.2f}" for w in weights)
-                    + f"] ({args.budget} trials on train subset)",
-                    evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
-                                              "method_params": {"lambda": weights}})))
+        result = session.evaluate_merge(session.task_output(task), merge_tag=f"single_{task}", tasks=TASKS,
+                                        subset=test, layout=("single", [task]))
+        if profile.base_row and not rows:
+            base = {t: result.tasks[t].base for t in TASKS}
+            assert all(metrics is not None for metrics in base.values())
+            rows.append(Row("base model", "no adapter", base, Row.of("", "", result).reference))  # type: ignore[arg-type]
+        rows.append(Row.of(f"{task} adapter alone", "its own LoRA" + (", each task's head" if not profile.base_row
+                                                                      else ""), result))
+    rows.append(Row.of("uniform", "mean of deltas",
+                       evaluate_config(session, {"adapters": TASKS, "method": "uniform"}, "test", test)))
+    lam = best_task_vector(session, profile)
+    rows.append(Row.of("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(profile.lambdas)} tried)",
+                       evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
+                                                 "method_params": {"lambda": lam}}, "test", test)))
+    rows.append(Row.of("ties", "k=20, lambda=1",
+                       evaluate_config(session, {"adapters": TASKS, "method": "ties"}, "test", test)))
+    rows.append(Row.of("dare_ties", "density=0.5, seed=0",
+                       evaluate_config(session, {"adapters": TASKS, "method": "dare_ties"}, "test", test)))
+    weights = best_bayes_point(session, profile, budget)
+    rows.append(Row.of("bayes sweep best", "weighted_delta, lambda=[" + ", ".join(f"{w:.2f}" for w in weights)
+                       + f"] ({budget} trials on train subset)",
+                       evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
+                                                 "method_params": {"lambda": weights}}, "test", test)))
     if args.adamerging:
-        rows.append(adamerging_row(session))
+        rows.append(adamerging_row(session, test))
 
     header = ["merge", "setting", *[f"{t} acc" for t in TASKS], *[f"{t} delta" for t in TASKS],
-              "min delta", "mean acc"]
+              "min delta", "min normalised", "mean acc"]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(row.cells()) + " |" for row in rows),
     ]
     minutes = (time.perf_counter() - started) / 60
-    note = (f"Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600); "
-            f"CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; {minutes:.1f} min; "
-            f"generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py`.")
-    publish("\n".join(lines) + "\n\n" + note, RESULTS if args.write else None)
+    note = (f"{profile.describe}; CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; "
+            f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py"
+            f"{'' if args.workspace == 'demo' else ' --workspace ' + args.workspace}`.")
+    publish("\n".join(lines) + "\n\n" + note, profile.results if args.write else None)
     if args.write:
-        record_adapter_accuracies({task: rows[i].result.tasks[task].reference for i, task in enumerate(TASKS)})
+        replace_marked_block(ROOT / "README.md", f"<!-- {profile.marker}:start -->", f"<!-- {profile.marker}:end -->",
+                             [*lines, "", note])
+        if args.workspace == "demo":
+            record_adapter_accuracies({task: rows[i].reference[task] for i, task in enumerate(TASKS)})
 
 
 def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-arg]
@@ -147,14 +206,15 @@ def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-ar
                          "<!-- accuracies:end -->", lines)
 
 
-def adamerging_row(session: EvalSession) -> Row:
+def adamerging_row(session: EvalSession, test: EvalSubsetConfig | None) -> Row:
     """AdaMerging's learned per-layer lambdas (issue: optimizer `adamerging`)."""
     config = {"adapters": TASKS, "method": "weighted_delta", "method_params": {"lambda": [1.0, 1.0, 1.0]},
               "optimizer": {"name": "adamerging", "params": {"steps": 60}}}
     merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
                        session=session)
-    result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, run_dir=merged.run_dir)
-    return Row("adamerging", "per-layer lambdas learned by entropy minimisation", result)
+    result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, subset=test,
+                                    run_dir=merged.run_dir)
+    return Row.of("adamerging", "per-layer lambdas learned by entropy minimisation", result)
 
 
 if __name__ == "__main__":
