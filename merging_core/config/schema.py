@@ -62,11 +62,30 @@ class SearchParamSpace(BaseModel):
     per_layer: list[int] | None = Field(
         default=None, description="search a per-layer lambda override for these layer indices"
     )
+    per_layer_groups: int | None = Field(
+        default=None,
+        description="split the merge's L layers into this many contiguous blocks (the first "
+        "L mod K one layer longer) and search one lambda override per block (per adapter with "
+        "per_adapter: true)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchParamSpace:
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+    @model_validator(mode="after")
+    def _one_layer_layout(self) -> SearchParamSpace:
+        if self.per_layer_groups is None:
+            return self
+        if self.per_layer_groups < 1:
+            raise ValueError(f"per_layer_groups must be at least 1 (got {self.per_layer_groups})")
+        if self.per_layer is not None:
+            raise ValueError(
+                "per_layer and per_layer_groups both say which layers get an override; "
+                "use one of them"
+            )
         return self
 
 

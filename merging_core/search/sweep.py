@@ -12,9 +12,15 @@ memory on the resident model, evaluates every task, restores, and writes the tri
 sweep, so starting the same sweep again with the same artifacts directory resumes it: finished
 trials are read back and observed, never re-run, and the proposals are the same.
 
+Layer groups (`per_layer_groups: K` in a Bayesian space, `lambda@groupG` keys in a grid) split
+the L layers the merge's modules span into K contiguous blocks, resolved once the merge is
+planned (`SweepPlan.layer_groups`); each group's value becomes the `per_layer` lambda override
+of every layer in it, so a trial's merge records the resolved per-layer overrides.
+
 Objective: the min over tasks of the interference delta (higher is better). The summary
-`sweeps/<sweep_id>.json` keeps every task's metric for each trial, ranked, with the best point;
-`sweeps/<sweep_id>.png` plots the space.
+`sweeps/<sweep_id>.json` keeps every task's metric for each trial, ranked, with the best point
+(and the layers of each layer group, when there are any); `sweeps/<sweep_id>.png` plots the
+space.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +50,14 @@ from merging_core.runtime.paths import sweep_plot_file, sweep_summary_file, tria
 from merging_core.search.proposers import Proposal, make_proposer
 from merging_core.search.space import (
     Dimension,
+    LayerGroups,
     build_dimensions,
+    coordinate_labels,
     grid_point_to_merge,
     grid_points,
+    layer_group_count,
     point_to_merge,
+    resolve_layer_groups,
 )
 from merging_core.search.trials import SweepResult, Trial
 from merging_core.search.warm_start import load_warm_start
@@ -61,7 +71,8 @@ SUMMARY_INTERVAL_S = 5.0
 @dataclass(frozen=True)
 class SweepPlan:
     """A validated sweep: the request, the merge planned at its first point, the evaluated
-    tasks, the search dimensions, and the sweep's id and context (for resume and warm start)."""
+    tasks, the search dimensions, the sweep's id and context (for resume and warm start), and
+    the layers of each layer group (empty when the search names none)."""
 
     config: MergeConfig
     base: MergePlan
@@ -69,6 +80,7 @@ class SweepPlan:
     dimensions: tuple[Dimension, ...]
     sweep_id: str
     context: dict[str, Any]
+    layer_groups: LayerGroups = ()
 
     @property
     def search(self) -> SearchConfig:
@@ -87,16 +99,23 @@ class SweepPlan:
 
     def trial_plan(self, point: dict[str, Any]) -> MergePlan:
         """The merge at `point`: a variant of the base plan (no adapter is loaded again)."""
-        return plan_variant(self.base, *_merge_settings(self.config, self.dimensions, point))
+        return plan_variant(self.base, *_merge_settings(self.config, self.dimensions, point,
+                                                         self.layer_groups))
+
+    def labels(self) -> dict[str, str]:
+        """Readable coordinate names (a layer group shows its layers and adapter)."""
+        names = [d.name for d in self.dimensions] or list(self.search.grid)
+        return coordinate_labels(names, self.layer_groups, self.config.adapters)
 
 
-def _merge_settings(config: MergeConfig, dimensions: Sequence[Dimension],
-                    point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method_params, lambda_policy) of the merge at `point`."""
+def _merge_settings(config: MergeConfig, dimensions: Sequence[Dimension], point: dict[str, Any],
+                    groups: LayerGroups | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method_params, lambda_policy) of the merge at `point` (`groups` None: layer groups not
+    resolved yet, their coordinates left out)."""
     assert config.search is not None
     if config.search.type == "grid":
-        return grid_point_to_merge(point, config)
-    return point_to_merge(point, dimensions, config)
+        return grid_point_to_merge(point, config, groups)
+    return point_to_merge(point, dimensions, config, groups)
 
 
 def _context(config: MergeConfig, tasks: Sequence[str]) -> dict[str, Any]:
@@ -116,6 +135,9 @@ def _sweep_id(config: MergeConfig, context: dict[str, Any]) -> str:
     search = config.search.model_dump(
         mode="json", exclude={"warm_start_sweeps", "warm_start_max_points"}
     )
+    for space in search["space"].values():  # left out unset: earlier sweeps keep their ids (and resume)
+        if space["per_layer_groups"] is None:
+            del space["per_layer_groups"]
     defining = {
         "context": context,
         "search": search,
@@ -167,15 +189,21 @@ def plan_sweep(
                 f"search.space.{dimension.param}: method {method.name!r} has no such "
                 f"parameter; it has: {', '.join(method.param_index) or 'none'}"
             )
+    has_groups = layer_group_count(search) is not None  # also checks a grid's keys
     points = _checked_points(search, dimensions)
-    params, policy = _merge_settings(config, dimensions, points[0])
+    # Layer groups split the layers the merge's modules span, known once it is planned: the
+    # first point is planned without its group coordinates, then re-planned with them.
+    params, policy = _merge_settings(config, dimensions, points[0], None if has_groups else ())
     first = parse_merge_config({**config.model_dump(exclude_unset=True), "method_params": params,
                                 "lambda_policy": policy})
     base = plan_merge(first, workspace.task_registry(), adapter_cache=adapter_cache,
                       task_evaluators=workspace.task_evaluators())
     context = _context(config, tasks)
     plan = SweepPlan(config=config, base=base, tasks=tuple(tasks), dimensions=tuple(dimensions),
-                     sweep_id=_sweep_id(config, context), context=context)
+                     sweep_id=_sweep_id(config, context), context=context,
+                     layer_groups=resolve_layer_groups(search, base.modules))
+    if has_groups:
+        plan = replace(plan, base=plan.trial_plan(points[0]))
     for point in points[1:]:
         plan.trial_plan(point)
     return plan
@@ -242,7 +270,7 @@ class Sweep:
         warm, skipped = ([], [])
         if search.warm_start_sweeps:
             warm, skipped = load_warm_start(search, self.plan.context, self.plan.dimensions,
-                                            self.summary_path)
+                                            self.summary_path, layer_groups=self.plan.layer_groups)
         proposer = make_proposer(search, self.plan.dimensions, warm)
         trials: list[Trial] = []
         resumed = 0
@@ -290,11 +318,14 @@ class Sweep:
                        skipped: list[dict[str, str]], *, complete: bool) -> None:
         ranked = sorted(trials, key=lambda t: (-t.objective, t.index))
         search = self.plan.search
+        layer_groups = ({"layer_groups": [list(group) for group in self.plan.layer_groups]}
+                        if self.plan.layer_groups else {})
         atomic_write_json(self.summary_path, {
             "sweep_id": self.sweep_id,
             "context": self.plan.context,
             "search": search.model_dump(mode="json"),
             "dimensions": [d.name for d in self.plan.dimensions] or list(search.grid),
+            **layer_groups,
             "objective": "min over tasks of interference_delta (higher is better)",
             "complete": complete,
             "num_trials": len(trials),
@@ -308,7 +339,7 @@ class Sweep:
         from merging_core.search.plot import plot_sweep
 
         try:
-            plot_sweep(trials, self.plan.tasks, self.plot_path)
+            plot_sweep(trials, self.plan.tasks, self.plot_path, labels=self.plan.labels())
         except ValueError as exc:  # e.g. non-numeric grid values: nothing to draw
             log.warning("no sweep plot: %s", exc)
             return None

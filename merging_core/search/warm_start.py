@@ -2,7 +2,9 @@
 
 A summary's trials are used only when its context (method, adapters, merge_mode, split,
 eval_tasks, constraint_nonnegative, eval subset) equals this sweep's and the point lies in this
-search space; every other point is reported with the reason it was skipped.
+search space; every other point is reported with the reason it was skipped. Layer-group
+coordinates (`lambda@group2`, `lambda@group2[1]`) are names like any other; a summary that
+searched layer groups is used only when its groups span the same layers as this sweep's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from merging_core.config.schema import SearchConfig
-from merging_core.search.space import Dimension
+from merging_core.search.space import Dimension, LayerGroups
 
 
 def _summary_files(source: str) -> list[Path]:
@@ -27,7 +29,8 @@ def _summary_files(source: str) -> list[Path]:
 
 
 def load_warm_start(
-    search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_summary: Path
+    search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_summary: Path,
+    *, layer_groups: LayerGroups = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Points from earlier sweeps that match this one; the rest are reported with a reason.
     A summary file named by several sources is read once; this sweep's own summary is skipped
@@ -36,6 +39,7 @@ def load_warm_start(
     skipped: list[dict[str, str]] = []
     names = sorted(d.name for d in dimensions) if dimensions else sorted(search.grid)
     cap = search.warm_start_max_points
+    groups = [list(group) for group in layer_groups]
     read: set[Path] = {Path(own_summary).resolve()}
     for source in search.warm_start_sweeps:
         files = _summary_files(source)
@@ -54,6 +58,11 @@ def load_warm_start(
             mismatched = [key for key in context if theirs.get(key) != context[key]]
             if mismatched:
                 skipped.append({"source": str(path), "reason": f"{', '.join(mismatched)} differ"})
+                continue
+            their_groups = summary.get("layer_groups")
+            if groups and their_groups and their_groups != groups:  # same names, other layers
+                skipped.append({"source": str(path),
+                                "reason": f"layer groups differ: {their_groups} there, {groups} here"})
                 continue
             for trial in summary.get("trials", []):
                 point = trial.get("point", {})
