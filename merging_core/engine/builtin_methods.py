@@ -10,6 +10,7 @@ remembering an import.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ from merging_core.engine.registry import MergeMethod, register
 from merging_core.methods import (
     knots,
     linear,
+    regmean,
     slerp,
     task_vector,
     ties,
@@ -27,7 +29,7 @@ from merging_core.methods import (
     weighted_delta,
 )
 from merging_core.methods.gta import Consensus, generalized_task_arithmetic
-from merging_core.params import ParamKind, ParamSpec, Params
+from merging_core.params import ParamKind, Params, ParamSpec
 from merging_core.plugins.sparsifiers import SPARSIFIERS
 
 _LAMBDA_SCALE = ParamSpec(
@@ -76,6 +78,15 @@ def _sparsified(
         merge_in_memory=merge,
         save_fn=saving.save_svd,
     )
+
+
+def _regmean(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+    grams: Sequence[torch.Tensor],
+    params: Params,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    merged = regmean.regmean(factors, grams, alpha=params["alpha"], lam=params["lambda"])
+    return merged.lora_B, merged.lora_A, ({"eps": merged.eps} if merged.eps else {})
 
 
 BUILTIN_METHODS = (
@@ -185,6 +196,24 @@ BUILTIN_METHODS = (
         ),
         space="factors",
         merge_in_memory=lambda factors, p: knots.knots(factors, k=p["k"], lam=p["lambda"]),
+        save_fn=saving.save_factors,
+    ),
+    MergeMethod(
+        name="regmean",
+        doc="RegMean: per module, the merge that best reproduces each task's outputs on its own "
+        "inputs (Gram matrices collected on the resident model); exact low rank (sum of ranks).",
+        paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
+        params=(
+            ParamSpec("alpha", ParamKind.FLOAT, "scale of the Grams' off-diagonal entries", 0.9, 0.0, 1.0),
+            ParamSpec("lambda", ParamKind.FLOAT, "scale of the merged delta", 1.0),
+            ParamSpec("samples_per_task", ParamKind.INT, "unlabeled inputs per task for the Grams",
+                      256, 1, 1_000_000),
+            ParamSpec("split", ParamKind.STRING, "the split whose inputs (labels unused) are used",
+                      "train"),
+            ParamSpec("seed", ParamKind.INT, "seed of the choice of inputs", 0, 0),
+        ),
+        space="grams",
+        merge_in_memory=_regmean,
         save_fn=saving.save_factors,
     ),
 )

@@ -3,6 +3,10 @@
 `MergeOutput` holds the loaded adapters and the resolved parameters; it never keeps the dense
 merged deltas of the whole model. Consumers (saving, the model holder, tests) pull one module
 at a time, so peak memory stays at a few dense modules however large the model is.
+
+A data-aware method (space "grams", e.g. RegMean) also gets a `GramSource`: each adapter's Gram
+matrix of a module's inputs, read one module at a time. Its results are LoRA factors (no dense
+delta), kept once solved, so evaluating and saving the merge solve each module once.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from merging_core.adapters import LoraAdapter, LoraModule, layer_index
 from merging_core.engine.registry import MergeMethod, get_method
+from merging_core.errors import ParamError
 from merging_core.params import Params
 from merging_core.plugins.transforms import Transform
 from merging_core.policies import LambdaPolicy
@@ -57,6 +62,19 @@ class LazyDeltas(Sequence[torch.Tensor]):
         return delta
 
 
+class GramSource(Protocol):
+    """Each adapter's Gram matrix G_i = X_i^T X_i of a module's inputs (collected on the resident
+    model by the evaluation session; see `merging_core.evaluation.grams`)."""
+
+    def grams(self, module: str) -> list[torch.Tensor]:
+        """One raw Gram (in x in, float64) per adapter, in the merge's adapter order."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the run metadata shows about the Grams (settings, cache keys, token counts)."""
+        ...
+
+
 @dataclass
 class ModuleMerge:
     """The merge of one target module."""
@@ -67,6 +85,7 @@ class ModuleMerge:
     delta: torch.Tensor | None = None  # dense merged delta (delta-space methods)
     factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, A), scaling 1
     coefficients: list[float] | None = None  # set when delta == sum_i c_i * source_i
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. the ridge a solve needed
 
     def dense(self) -> torch.Tensor:
         if self.delta is not None:
@@ -91,6 +110,8 @@ class MergeOutput:
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "none", "params": {}})
     optimizer_artifacts: dict[str, Any] = field(default_factory=dict)
     optimizer_summary: dict[str, Any] = field(default_factory=dict)
+    grams: GramSource | None = None  # for methods that need Grams (space "grams")
+    _solved: dict[str, ModuleMerge] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def single(cls, adapter: LoraAdapter) -> MergeOutput:
@@ -136,8 +157,20 @@ class MergeOutput:
         return merged
 
     def merge_module(self, module: str) -> ModuleMerge:
+        if module in self._solved:
+            return self._solved[module]
         merged = self.plan_module(module)
         sources, params = merged.sources, merged.params
+        if self.method.needs_grams:
+            if self.grams is None:
+                raise ParamError(f"method {self.method.name!r} needs Grams; this merge has none")
+            triples = [(s.lora_B, s.lora_A, s.scaling) for s in sources]
+            lora_B, lora_A, merged.notes = self.method.merge_in_memory(  # type: ignore[call-arg,misc]
+                triples, self.grams.grams(module), params)
+            merged.factors = (lora_B, lora_A)
+            # The factors are LoRA-sized (rank sum r_i); keeping them spares a second solve.
+            self._solved[module] = merged
+            return merged
         if self.method.space == "factors":
             triples = [(s.lora_B, s.lora_A, s.scaling) for s in sources]
             merged.factors = self.method.merge_in_memory(triples, params)  # type: ignore[call-arg]
@@ -158,6 +191,15 @@ class MergeOutput:
     def deltas(self) -> dict[str, torch.Tensor]:
         """Every merged delta at once; for small models and tests."""
         return dict(self.iter_deltas())
+
+    def method_summary(self) -> dict[str, Any]:
+        """What the run metadata shows about how the method ran: for a Grams method, the Grams
+        and each module whose solve needed a note (e.g. a ridge), among the modules solved."""
+        if self.grams is None:
+            return {}
+        notes = {m: merged.notes for m, merged in self._solved.items() if merged.notes}
+        return {"grams": self.grams.describe(), "solved_modules": len(self._solved),
+                "module_notes": notes}
 
     @property
     def heads(self) -> dict[str, dict[str, torch.Tensor]]:

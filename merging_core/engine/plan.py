@@ -116,7 +116,7 @@ def _build_policy(
 
 def _check_method_fits(method: MergeMethod, transforms: tuple[PluginRef, ...],
                        adapters: list[LoraAdapter], modules: list[str]) -> None:
-    if method.space == "factors" and any(t.name != "identity" for t in transforms):
+    if method.space != "delta" and any(t.name != "identity" for t in transforms):
         raise ParamError(
             f"method {method.name!r} works on LoRA factors; transforms act on dense "
             "deltas, so use a delta-space method (e.g. weighted_delta) with transforms"
@@ -130,6 +130,27 @@ def _check_method_fits(method: MergeMethod, transforms: tuple[PluginRef, ...],
             )
 
 
+def check_grams_available(method: MergeMethod, adapter_names: list[str],
+                          task_evaluators: Mapping[str, str] | None) -> None:
+    """Refuse a data-aware method (one that needs Grams) without the resident model and the
+    workspace's task data, or with an adapter that is not a workspace task."""
+    if not method.needs_grams:
+        return
+    if task_evaluators is None:
+        raise ParamError(
+            f"method {method.name!r} needs the resident model and the workspace's task data (it "
+            "collects each task's layer inputs): run it on a workspace's session (the service, "
+            "lora-merge evaluate --workspace ..., or run_merge(..., session=EvalSession(...)))"
+        )
+    strangers = [name for name in adapter_names if name not in task_evaluators]
+    if strangers:
+        raise ParamError(
+            f"method {method.name!r} collects Grams on each adapter's own task data; adapter(s) "
+            f"{', '.join(map(repr, strangers))} are not workspace tasks (tasks: "
+            f"{', '.join(task_evaluators) or 'none'})"
+        )
+
+
 def plan_merge(
     config: MergeConfig | Mapping[str, Any],
     registry: Mapping[str, Path] | None = None,
@@ -141,7 +162,8 @@ def plan_merge(
 
     `registry` maps task names to adapter directories (a workspace's `task_registry()`);
     `task_evaluators` (task -> evaluator kind) lets the plan check that an optimizer can run
-    on the tasks it names. Loads (and caches) the adapters' LoRA factors; computes nothing.
+    on the tasks it names; it also stands for the workspace a data-aware method (RegMean) needs,
+    which is refused without it. Loads (and caches) the adapters' LoRA factors; computes nothing.
     """
     if isinstance(config, Mapping):
         config = parse_merge_config(dict(config))
@@ -157,6 +179,7 @@ def plan_merge(
         for built in (build_transform(t.name, t.params) for t in config.transforms)
     )
     resolved = resolve_adapter_specs(config.adapters, registry=registry)
+    check_grams_available(method, [name for name, _ in resolved], task_evaluators)
     optimizer.check(method.name, [name for name, _ in resolved], task_evaluators)
     cache = adapter_cache if adapter_cache is not None else AdapterCache()
     adapters = [cache.load(name, path) for name, path in resolved]

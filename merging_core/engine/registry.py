@@ -14,14 +14,22 @@ from typing import Any
 import torch
 
 from merging_core.errors import ParamError, UnknownMethodError
-from merging_core.params import ParamSpec, Params, validate_params
+from merging_core.params import Params, ParamSpec, validate_params
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+SPACES = ("delta", "factors", "grams")
 
 
 DeltaMergeFn = Callable[[Sequence[torch.Tensor], Params, torch.Generator | None], torch.Tensor]
 FactorMergeFn = Callable[
     [Sequence[tuple[torch.Tensor, torch.Tensor, float]], Params], tuple[torch.Tensor, torch.Tensor]
+]
+# grams_fn(factors, grams, params) -> (B, A, notes): `grams` holds one raw Gram matrix (in x in,
+# float64) per adapter, in adapter order; `notes` is what the run metadata shows for the module
+# (e.g. a ridge the solve needed), empty when there is nothing to say.
+GramMergeFn = Callable[
+    [Sequence[tuple[torch.Tensor, torch.Tensor, float]], Sequence[torch.Tensor], Params],
+    tuple[torch.Tensor, torch.Tensor, dict[str, Any]],
 ]
 CoefficientsFn = Callable[[Params, int], list[float]]
 # save_fn(module_merge, save_rank) -> (lora_B, lora_A, relative_error); see engine.saving.
@@ -34,14 +42,17 @@ class MergeMethod:
 
     `space` says what `merge_in_memory` consumes: "delta" methods get the dense per-module
     deltas and return the merged delta; "factors" methods get (B, A, scaling) triples and
-    return merged (B, A). `linear_coefficients` is set for methods whose result is
+    return merged (B, A); "grams" methods (data-aware, e.g. RegMean) get the triples and each
+    adapter's Gram matrix of that module's inputs and return (B, A, notes). A "grams" method
+    needs the resident model and the task data: the runner asks the session for the Grams
+    before merging (`needs_grams`). `linear_coefficients` is set for methods whose result is
     sum_i c_i * delta_i, which saves exactly as a concatenated LoRA.
     """
 
     name: str
     doc: str
     params: tuple[ParamSpec, ...]
-    merge_in_memory: DeltaMergeFn | FactorMergeFn
+    merge_in_memory: DeltaMergeFn | FactorMergeFn | GramMergeFn
     save_fn: SaveFn
     space: str = "delta"
     min_adapters: int = 2
@@ -57,9 +68,14 @@ class MergeMethod:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"method name {self.name!r} must be lowercase snake_case")
-        if self.space not in ("delta", "factors"):
-            raise ValueError(f"method {self.name}: space must be 'delta' or 'factors'")
+        if self.space not in SPACES:
+            raise ValueError(f"method {self.name}: space must be one of {', '.join(SPACES)}")
         object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+    @property
+    def needs_grams(self) -> bool:
+        """Whether merging needs each task's layer-input Grams (the resident model and data)."""
+        return self.space == "grams"
 
     @property
     def required_params(self) -> list[str]:

@@ -2,8 +2,9 @@
 
 `execute(plan, session)` is the one place a merge is carried out (CLI, service and notebooks
 all end here). Order: load the planned adapters (cached) -> the optimizer sets the lambda
-policy (AdaMerging on the session's resident model) -> the in-memory merge -> optionally save
--> always write the run bundle. The bundle is built in a hidden temp dir that is renamed into
+policy (AdaMerging on the session's resident model) -> a data-aware method's Grams from the
+session (RegMean; collected on the resident model or read from their cache) and its per-module
+solves -> the in-memory merge -> optionally save -> always write the run bundle. The bundle is built in a hidden temp dir that is renamed into
 place only when complete, so a failed or cancelled merge leaves no partial run directory.
 
 `run_merge(config)` = `execute(plan_merge(config))`; `prepare_merge(config)` stops before
@@ -14,23 +15,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from merging_core.adapters import AdapterCache
+from merging_core.adapters import AdapterCache, LoraAdapter
 from merging_core.config.schema import MergeConfig
-from merging_core.engine.merge import MergeOutput
-from merging_core.engine.plan import MergePlan, plan_merge
+from merging_core.engine.merge import GramSource, MergeOutput
+from merging_core.engine.plan import MergePlan, check_grams_available, plan_merge
 from merging_core.engine.registry import get_method
 from merging_core.engine.saving import save_merged_adapter
 from merging_core.params import Params
 from merging_core.plugins.optimizer_base import OptimizerContext, OptimizerSession
 from merging_core.plugins.optimizers import get_optimizer
 from merging_core.plugins.transforms import build_transform
-from merging_core.runtime.cancel import CancelToken, Progress
+from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.runtime.io import atomic_write, atomic_write_json
 from merging_core.runtime.metadata import library_versions, summarize
 from merging_core.runtime.paths import (
@@ -50,11 +51,17 @@ DEFAULT_ARTIFACTS_DIR = Path("artifacts")
 
 class MergeSession(OptimizerSession, Protocol):
     """A session that executes plans (an `EvalSession` is one): what optimizers need, an
-    adapter cache, and each workspace task's evaluator kind."""
+    adapter cache, each workspace task's evaluator kind, and the Grams of data-aware methods."""
 
     adapter_cache: AdapterCache
 
     def task_evaluators(self) -> dict[str, str]: ...
+
+    def grams(self, adapters: Sequence[LoraAdapter], modules: Sequence[str], params: Params,
+              cancel: CancelToken | None = None, progress: Progress | None = None) -> GramSource:
+        """Each adapter's Gram matrices of its modules' inputs on its own task's data (collected
+        on the resident model, or read from their cache)."""
+        ...
 
 
 @dataclass
@@ -78,7 +85,14 @@ def load_merge(
     cancel: CancelToken | None = None,
     progress: Progress | None = None,
 ) -> MergeOutput:
-    """The in-memory merge of a plan: adapters loaded (from the cache), optimizer run."""
+    """The in-memory merge of a plan: adapters loaded (from the cache), optimizer run; for a
+    data-aware method, the Grams from the session and every module solved."""
+    method = get_method(plan.method)
+    if method.needs_grams:
+        # A plan made without a workspace was refused already; this guards a plan executed
+        # without the session that holds the model.
+        check_grams_available(method, plan.adapter_names,
+                              session.task_evaluators() if session is not None else None)
     if adapter_cache is None:
         adapter_cache = session.adapter_cache if session is not None else AdapterCache()
     adapters = [adapter_cache.load(ref.name, ref.path) for ref in plan.adapters]
@@ -88,8 +102,12 @@ def load_merge(
                          progress=progress),
         plan.optimizer.params,
     )
-    return MergeOutput(
-        method=get_method(plan.method),
+    grams = None
+    if method.needs_grams:
+        assert session is not None
+        grams = session.grams(adapters, plan.modules, plan.params, cancel, progress)
+    output = MergeOutput(
+        method=method,
         adapters=adapters,
         modules=list(plan.modules),
         left_out=dict(plan.left_out),
@@ -100,7 +118,16 @@ def load_merge(
         optimizer=plan.optimizer.describe(),
         optimizer_artifacts=optimized.artifacts,
         optimizer_summary=optimized.summary,
+        grams=grams,
     )
+    if grams is not None:
+        # Solved now (and kept: the factors are LoRA-sized), so the run metadata shows what
+        # every solve needed and evaluating and saving reuse the solves.
+        for done, module in enumerate(output.modules, start=1):
+            check(cancel)
+            output.merge_module(module)
+            report(progress, done, len(output.modules), f"{method.name}: solved {module}")
+    return output
 
 
 def execute(
@@ -127,7 +154,7 @@ def execute(
     temp_dir = make_temp_run_dir(runs_root)
     final_dir: Path | None = None
     try:
-        created = datetime.now(timezone.utc)
+        created = datetime.now(UTC)
         final_dir = claim_run_dir(runs_root, created)
         saved = None
         if do_save:
@@ -144,6 +171,7 @@ def execute(
             "transforms": [t.describe() for t in output.transforms],
             "optimizer": {**output.optimizer, "summary": output.optimizer_summary,
                           "artifacts": sorted(output.optimizer_artifacts)},
+            "method_summary": output.method_summary(),
             "adapters": [a.describe() for a in output.adapters],
             "num_modules": len(output.modules),
             "modules": output.modules,

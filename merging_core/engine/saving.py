@@ -2,7 +2,8 @@
 
 - Linear results (uniform, task_vector, weighted_delta) are exact as a concatenated LoRA:
   B = [c_1 s_1 B_1 | ... | c_n s_n B_n], A = [A_1; ...; A_n], rank = sum of ranks.
-- `weighted` is saved at its own rank.
+- Factor-space results (`weighted`, `tsv`, `knots`, `regmean`) are saved as they are, at their
+  own rank, exactly.
 - Nonlinear results are factored by a truncated SVD at `save_rank`; the relative Frobenius
   reconstruction error of each module is measured and recorded.
 Every saved module has scaling 1 (lora_alpha == rank), which keeps rsLoRA and per-module
@@ -22,12 +23,12 @@ from peft import LoraConfig
 from merging_core.adapters.loading import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput, ModuleMerge
 from merging_core.runtime.cancel import Progress, report
-from merging_core.runtime.paths import head_file
 from merging_core.runtime.io import (
     StreamingSafetensorsWriter,
     atomic_save_safetensors,
     atomic_write_json,
 )
+from merging_core.runtime.paths import head_file
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def save_linear(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torc
 
 
 def save_factors(merged: ModuleMerge, save_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Factor-space results are already a LoRA at their own rank."""
+    """Factor-space results (and RegMean's) are already a LoRA at their own rank."""
     assert merged.factors is not None
     lora_B, lora_A = merged.factors
     return lora_B, lora_A, 0.0

@@ -9,7 +9,8 @@ are caches, written here (`runtime.paths.cached_metrics_file`):
     <root>/<task>/metrics/eval/<split>[/<subset>]/base/metrics.json      (the base model)
 
 The session is also what optimizers run against (`plugins.optimizer_base.OptimizerSession`):
-the holder, each task's evaluator, max length, head and unlabeled inputs.
+the holder, each task's evaluator, max length, head and unlabeled inputs; and what data-aware
+methods get their Gram matrices from (`grams`, collected and cached by `evaluation.grams`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ import torch
 from merging_core.adapters import AdapterCache, LoraAdapter, load_adapter
 from merging_core.config.schema import EvalSubsetConfig
 from merging_core.engine.merge import MergeOutput
-from merging_core.errors import EvaluationError
+from merging_core.errors import EvaluationError, ParamError
 from merging_core.evaluation.data import TaskData, load_task_data
 from merging_core.evaluation.evaluators import EvalContext, EvalMetrics, get_evaluator
+from merging_core.evaluation.grams import (
+    GRAM_EVALUATORS,
+    CachedGrams,
+    GramJob,
+    GramSettings,
+    gather_grams,
+    gram_key,
+    select_rows,
+)
 from merging_core.evaluation.holder import ModelHolder
 from merging_core.evaluation.results import (
     EvaluationResult,
@@ -37,7 +47,11 @@ from merging_core.evaluation.results import (
     interference_delta,
     normalized_score,
 )
-from merging_core.evaluation.subsets import subset_indices, subset_namespace, subset_spec
+from merging_core.evaluation.subsets import (
+    subset_indices,
+    subset_namespace,
+    subset_spec,
+)
 from merging_core.evaluation.workspace import Workspace
 from merging_core.evaluation.writer import EvalWriter, IndexListener
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
@@ -185,6 +199,49 @@ class EvalSession:
                 "sequence classification needs the task's own head"
             )
         return heads
+
+    # --- what data-aware methods see (engine.merge.GramSource) ------------------------------
+
+    def grams(
+        self,
+        adapters: Sequence[LoraAdapter],
+        modules: Sequence[str],
+        params: Mapping[str, Any],
+        cancel: CancelToken | None = None,
+        progress: Progress | None = None,
+    ) -> CachedGrams:
+        """Each adapter's Gram matrices of its modules' inputs, on its task's inputs with its own
+        adapter applied (`samples_per_task`, `split` and `seed` from `params`): read from the
+        cache, or collected on the resident model now and cached. Each adapter must be a
+        workspace task (its data is the task's)."""
+        settings = GramSettings(samples_per_task=int(params["samples_per_task"]),
+                                split=str(params["split"]), seed=int(params["seed"]))
+        jobs = []
+        for adapter in adapters:
+            if adapter.name not in self.workspace.tasks:
+                raise ParamError(
+                    f"adapter {adapter.name!r} is not a task of workspace {self.workspace.name!r} "
+                    f"(tasks: {', '.join(self.workspace.tasks)}); Grams are collected on each "
+                    "adapter's own task data"
+                )
+            config = self.workspace.task(adapter.name)
+            if config.evaluator not in GRAM_EVALUATORS:
+                raise ParamError(
+                    f"task {adapter.name!r} uses evaluator {config.evaluator!r}; Grams are collected "
+                    f"for tasks scored by {', '.join(GRAM_EVALUATORS)}"
+                )
+            missing = sorted(set(modules) - set(adapter.modules))
+            if missing:
+                raise ParamError(f"adapter {adapter.name!r} lacks module(s) {', '.join(missing[:5])}")
+            data = self.split_data(adapter.name, settings.split)
+            rows = select_rows(len(data), settings.samples_per_task, settings.seed)
+            key = gram_key(model_path=self.holder.model_path, dtype=self.holder.dtype,
+                           model_class=self.holder.model_class, adapter=adapter,
+                           data_checksum=data.checksum(), task=config, settings=settings)
+            jobs.append(GramJob(task=adapter.name, config=config, adapter=adapter,
+                                texts=[data.texts[i] for i in rows], key=key))
+        return gather_grams(self.holder, self.root, jobs, self.head, settings, cancel=cancel,
+                            progress=progress)
 
     # --- evaluation --------------------------------------------------------------------------
 

@@ -6,11 +6,13 @@ even when the block raises or is cancelled:
   original bits of every touched weight);
 - `head(tensors)`: a task's own head (modules_to_save) swapped in;
 - `hooked(hooks)`: forward hooks on named modules (AdaMerging's factored deltas);
+- `inputs_seen(observers)`: forward pre-hooks that see each named module's input and change
+  nothing (RegMean's Gram collection);
 - `frozen()`: every parameter without gradients (training touches only outside tensors);
 - `cpu_float32()`: a CPU float32 holder for the block: this holder when it already is one,
   else a second copy loaded from the same path and released afterwards (AdaMerging's
   `force_cpu`).
-`frozen`, `hooked` and `applied` hold the holder's lock, so no other job sees the model changed.
+`frozen`, `hooked`, `inputs_seen` and `applied` hold the holder's lock, so no other job sees the model changed.
 """
 
 from __future__ import annotations
@@ -234,6 +236,29 @@ class ModelHolder:
                     if module is None:
                         raise EvaluationError(f"the base model has no module {name!r} to hook")
                     handles.append(module.register_forward_hook(hook))
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    @contextmanager
+    def inputs_seen(self, observers: Mapping[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+        """`observers[name](x)` sees the input x of each named module on every forward pass of
+        the block (a forward pre-hook that returns nothing, so the forward pass is unchanged);
+        removed on exit."""
+        with self.lock:
+            handles = []
+            try:
+                for name, observe in observers.items():
+                    module = self._modules.get(name)
+                    if module is None:
+                        raise EvaluationError(f"the base model has no module {name!r} to observe")
+
+                    def pre_hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                                 observe: Callable[[torch.Tensor], None] = observe) -> None:
+                        observe(inputs[0])
+
+                    handles.append(module.register_forward_pre_hook(pre_hook))
                 yield
             finally:
                 for handle in handles:

@@ -9,6 +9,7 @@
     <root>/<task>/metrics/eval/<split>[/<subset>]/{reference,base}/metrics.json   caches
     <root>/<task>/metrics/eval/<split>[/<subset>]/merged/<others>/<tag>/metrics.json -> per_task
     <root>/subsets/                                                     subset index caches
+    <root>/grams/<task>/<key>/<module>.safetensors, manifest.json      RegMean Gram caches
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,21 @@ def subset_file(root: Path, task: str, split: str, tag: str) -> Path:
     return subsets_dir(root) / task / split / f"{tag}.json"
 
 
+def grams_dir(root: Path, task: str, key: str) -> Path:
+    """One task's cached Gram matrices for one key (adapter, data, settings, base model)."""
+    return Path(root) / "grams" / safe_component(task) / safe_component(key)
+
+
+def gram_file(root: Path, task: str, key: str, module: str) -> Path:
+    """The raw Gram matrix of one module's inputs."""
+    return grams_dir(root, task, key) / f"{safe_component(module)}.safetensors"
+
+
+def grams_manifest_file(root: Path, task: str, key: str) -> Path:
+    """Written last: its presence says every module's Gram of the key is complete."""
+    return grams_dir(root, task, key) / "manifest.json"
+
+
 def merge_tag(method: str, params: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     """A readable, filename-safe tag for one merge configuration, unique by a short hash."""
     parts = [method]
@@ -173,7 +189,7 @@ def claim_run_dir(runs_root: Path, now: datetime | None = None) -> Path:
 
     Two runs in the same second get `_1`, `_2`, ... suffixes, so they never collide.
     """
-    stamp = (now or datetime.now(timezone.utc)).strftime("run_%Y%m%d_%H%M%S")
+    stamp = (now or datetime.now(UTC)).strftime("run_%Y%m%d_%H%M%S")
     for suffix in range(1000):
         final = Path(runs_root) / (stamp if suffix == 0 else f"{stamp}_{suffix}")
         try:
