@@ -31,7 +31,7 @@ import yaml
 
 from merging_core.adapters import load_task_registry
 from merging_core.config import EvalSubsetConfig, MergeConfig, load_merge_config, parse_merge_config
-from merging_core.engine import list_methods
+from merging_core.engine import get_method, list_methods
 from merging_core.engine.runner import run_merge
 from merging_core.errors import MergeError
 from merging_core.runtime.memory import release_freed_memory_promptly
@@ -210,8 +210,11 @@ def _cmd_merge(args: argparse.Namespace, *, defaults: JobDefaults) -> int:
     workspace = _workspace_path(args, defaults)
     explicit = args.workspace or os.environ.get(WORKSPACE_ENV)
     registry = load_task_registry(workspace) if explicit or workspace.is_file() else None
-    session = _session(args, defaults, config) if config.optimizer.name != "none" else None
-    with ProgressBar(config.optimizer.name) as bar:
+    # An optimizer (AdaMerging) or a method that reads activations (RegMean's Grams) needs the
+    # resident model and the workspace's task data.
+    needs_model = config.optimizer.name != "none" or get_method(config.method).needs_grams
+    session = _session(args, defaults, config) if needs_model else None
+    with ProgressBar(config.optimizer.name if config.optimizer.name != "none" else config.method) as bar:
         result = run_merge(config, task_registry=registry,
                            artifacts_dir=_artifacts_root(args, defaults, config),
                            session=session, progress=bar)

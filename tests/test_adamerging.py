@@ -152,15 +152,9 @@ def test_refusals(session) -> None:
         build_optimizer("adamerging", {"init_lambda": 2.0})
 
 
-def test_non_classification_tasks_are_refused(session) -> None:
-    from merging_core.evaluation.evaluate import EvalSession
-    from merging_core.evaluation.workspace import Workspace
-
-    spec = session.workspace.spec
-    tasks = dict(spec.tasks)
-    tasks["mood"] = tasks["mood"].model_copy(update={"evaluator": "generation", "primary_metric": "wer"})
-    workspace = Workspace(spec.model_copy(update={"tasks": tasks}), session.workspace.root)
-    generation = EvalSession(workspace, session.holder, session.root)
-    with pytest.raises(ParamError, match="task 'mood' uses evaluator 'generation'"):
-        run_merge({"adapters": ["topic", "mood"], "method": "task_vector", "optimizer": "adamerging"},
-                  task_registry=workspace.task_registry(), artifacts_dir=session.root, session=generation)
+def test_adapters_that_are_not_workspace_tasks_are_refused(session) -> None:
+    """AdaMerging needs each adapter's task (its unlabeled inputs and evaluator)."""
+    registry = {**session.workspace.task_registry(), "stranger": session.workspace.adapter_path("mood")}
+    with pytest.raises(ParamError, match="task 'stranger' is not a workspace task"):
+        run_merge({"adapters": ["topic", "stranger"], "method": "task_vector", "optimizer": "adamerging"},
+                  task_registry=registry, artifacts_dir=session.root, session=session)

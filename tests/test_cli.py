@@ -73,6 +73,17 @@ def test_local_evaluate_runs_an_optimizer_on_the_workspace(tiny_workspace: Path,
     assert list(out.glob("merged/weighted_delta/mood_topic/runs/run_*/adamerging_lambdas.json"))
 
 
+def test_local_merge_runs_regmean_on_the_workspace(tiny_workspace: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`lora-merge merge --workspace` gives RegMean the resident model to collect its Grams on."""
+    out = tmp_path / "artifacts"
+    assert core_cli.main(["merge", "--adapters", "topic", "mood", "--method", "regmean",
+                          "--workspace", str(tiny_workspace), "--output-dir", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["merge_tag"].startswith("regmean")
+    assert list(out.glob("grams/*/*/manifest.json"))
+
+
 # --- flags -> config, the same locally and with --server --------------------------------------
 
 

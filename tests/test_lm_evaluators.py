@@ -192,3 +192,67 @@ def test_templated_lm_task_through_the_service(lm_workspace: Path, tmp_path: Pat
         done = wait_job(client, job.json()["id"])
         assert done["status"] == "succeeded", done["error"]
         assert set(done["result"]["evaluation"]["metrics"]) == {"pick"}
+
+
+def test_adamerging_entropy_on_label_scoring_matches_a_direct_computation(lm_session: EvalSession,
+                                                                         lm_workspace: Path) -> None:
+    """AdaMerging's objective on a label-scoring task is the entropy of the softmax over the
+    labels' log-likelihoods, each computed here as its own prompt + label sequence."""
+    tokenizer, model, holder = lm_session.holder.tokenizer, lm_session.holder.model, lm_session.holder
+    texts = [row["text"] for row in _rows(lm_workspace, "pick")]
+    with holder.applied(lm_session.task_output("pick")), torch.no_grad():
+        entropy = lm_session.prediction_entropy("pick", texts, holder)
+        expected = []
+        for text in texts:
+            prompt = tokenizer(text)["input_ids"]
+            scores = []
+            for label in LABELS:
+                ids = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0].float(), -1)
+                scores.append(sum(log_probs[len(prompt) - 1 + k, t] for k, t in enumerate(ids)))
+            distribution = torch.log_softmax(torch.stack(scores), dim=0)
+            expected.append(-(distribution.exp() * distribution).sum())
+    assert float(entropy) == pytest.approx(float(torch.stack(expected).mean()), abs=1e-5)
+
+
+def test_adamerging_entropy_on_generation_is_over_the_greedy_continuation(lm_session: EvalSession,
+                                                                           lm_workspace: Path) -> None:
+    """On a generation task: the mean next-token entropy over the model's own greedy
+    continuation (the task's max_new_tokens, through the first end-of-text), pooled over tokens."""
+    tokenizer, model, holder = lm_session.holder.tokenizer, lm_session.holder.model, lm_session.holder
+    texts = [row["text"] for row in _rows(lm_workspace, "echo")]
+    with holder.applied(lm_session.task_output("echo")), torch.no_grad():
+        entropy = lm_session.prediction_entropy("echo", texts, holder)
+        per_token = []
+        for text in texts:
+            prompt = tokenizer(text, return_tensors="pt")["input_ids"]
+            out = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            continuation = out[0, prompt.shape[1]:].tolist()
+            if tokenizer.eos_token_id in continuation:
+                continuation = continuation[: continuation.index(tokenizer.eos_token_id) + 1]
+            sequence = torch.tensor([prompt[0].tolist() + continuation])
+            log_probs = torch.log_softmax(model(input_ids=sequence).logits[0].float(), -1)
+            for k in range(len(continuation)):
+                row = log_probs[prompt.shape[1] - 1 + k]
+                per_token.append(-(row.exp() * row).sum())
+    assert float(entropy) == pytest.approx(float(torch.stack(per_token).mean()), abs=1e-5)
+
+
+def test_adamerging_on_lm_tasks_through_the_service(lm_workspace: Path, tmp_path: Path) -> None:
+    """AdaMerging learns per-layer lambdas on a label-scoring and a generation task together,
+    through uvicorn: progress shows its steps, the bundle has the learned lambdas."""
+    from app.settings import Settings
+    from tests.service_helpers import thread_server, wait_job
+
+    with thread_server(Settings(workspace=lm_workspace, artifacts_dir=tmp_path / "artifacts")) as (client, _):
+        job = client.post("/merges", json={
+            "adapters": ["pick", "echo"], "method": "task_vector", "eval_tasks": ["pick"],
+            "optimizer": {"name": "adamerging", "params": {"steps": 3, "batch_size": 4, "split": "test",
+                                                           "lr": 0.05}}})
+        assert job.status_code == 202, job.text
+        done = wait_job(client, job.json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        learned = json.loads((Path(done["run_dir"]) / "adamerging_lambdas.json").read_text())
+        assert len(learned["entropy"]) == 3 and all(value == value for value in learned["entropy"])
+        assert learned["lambdas"] and any(value != 0.3 for values in learned["lambdas"].values() for value in values)

@@ -136,7 +136,8 @@ def test_adamerging_refuses_adapters_without_heads_at_planning(tiny_workspace: P
     save_file({k: v for k, v in tensors.items() if "lora_" in k}, str(headless / "adapter_model.safetensors"))
     registry = {**workspace.task_registry(), "mood": headless}
     with pytest.raises(ParamError, match="mood have no head"):
-        plan_merge({"adapters": TASKS, "method": "task_vector", "optimizer": ADAMERGING}, registry)
+        plan_merge({"adapters": TASKS, "method": "task_vector", "optimizer": ADAMERGING}, registry,
+                   task_evaluators=workspace.task_evaluators())
 
 
 def test_the_service_validates_without_computing(tiny_workspace: Path, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ def test_every_method_and_parameter_is_documented() -> None:
         for param in method.params:
             assert f"`{param.name}`" in rows[method.name], f"{method.name}.{param.name} undocumented"
             if not param.required:
-                default = str(param.default).lower() if isinstance(param.default, bool) else f"{param.default:g}"
+                default = (str(param.default).lower() if isinstance(param.default, bool)
+                           else param.default if isinstance(param.default, str) else f"{param.default:g}")
                 assert f"({default}" in rows[method.name], f"{method.name}.{param.name} default"
 
 

@@ -183,7 +183,7 @@ def plan_merge(
     optimizer.check(method.name, [name for name, _ in resolved], task_evaluators)
     cache = adapter_cache if adapter_cache is not None else AdapterCache()
     adapters = [cache.load(name, path) for name, path in resolved]
-    optimizer.check_adapters(adapters)
+    optimizer.check_adapters(adapters, task_evaluators)
     modules, left_out = check_compatible(adapters, config.merge_mode)
     if left_out:
         log.info("merge_mode=common leaves out modules: %s", left_out)

@@ -54,6 +54,7 @@ from merging_core.evaluation.subsets import (
 )
 from merging_core.evaluation.workspace import Workspace
 from merging_core.evaluation.writer import EvalWriter, IndexListener
+from merging_core.plugins.optimizer_base import ResidentModel
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.runtime.io import atomic_write_json
 from merging_core.runtime.paths import RUN_METADATA_FILE, cached_metrics_file
@@ -199,6 +200,16 @@ class EvalSession:
                 "sequence classification needs the task's own head"
             )
         return heads
+
+    def prediction_entropy(self, task: str, texts: Sequence[str], holder: ResidentModel) -> torch.Tensor:
+        """The mean entropy of the model's own predictions for task t on `texts` (with task t's
+        head on), as t's evaluator defines it; differentiable. AdaMerging's objective."""
+        config = self.workspace.task(task)
+        entropy = get_evaluator(config.evaluator).entropy
+        if entropy is None:
+            raise EvaluationError(f"evaluator {config.evaluator!r} of task {task!r} defines no prediction entropy")
+        with holder.head(self.head(task)):
+            return entropy(holder, config, texts, self.labels(task))
 
     # --- what data-aware methods see (engine.merge.GramSource) ------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from merging_core.errors import EvaluationError, UnknownMethodError
+from merging_core.plugins.optimizer_base import mean_entropy
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.evaluation.data import TaskData
 from merging_core.evaluation.holder import ModelHolder
@@ -103,12 +104,33 @@ def _encode(ctx: EvalContext, texts: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _chat(ctx: EvalContext, prompt: str) -> str:
+    return render_prompt(ctx.holder.tokenizer, ctx.task, prompt)
+
+
+def render_prompt(tokenizer: Any, task: TaskConfig, prompt: str) -> str:
     """The prompt as a user turn in the tokenizer's chat template, the generation prompt added
     (the prompt itself with `chat_template: false`)."""
-    if not ctx.task.chat_template:
+    if not task.chat_template:
         return prompt
-    return str(ctx.holder.tokenizer.apply_chat_template(
+    return str(tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False))
+
+
+def prompt_ids(tokenizer: Any, task: TaskConfig, prompt: str) -> list[int]:
+    """A prompt's token ids as label scoring sees them: rendered, truncated to `max_length`; a
+    chat template brings its own special tokens, so none are added to it."""
+    return list(tokenizer(render_prompt(tokenizer, task, prompt), truncation=True, max_length=task.max_length,
+                          add_special_tokens=not task.chat_template)["input_ids"])
+
+
+def label_token_ids(tokenizer: Any, task: TaskConfig, labels: Sequence[str]) -> list[list[int]]:
+    """Each label's ids: `label_prefix + label` tokenized on its own, no special tokens."""
+    ids = [list(tokenizer(task.effective_label_prefix + label, add_special_tokens=False)["input_ids"])
+           for label in labels]
+    empty = [label for label, tokens in zip(labels, ids) if not tokens]
+    if empty:
+        raise EvaluationError(f"label(s) {empty} tokenize to no tokens; label scoring needs at least one")
+    return ids
 
 
 def _require_labels(ctx: EvalContext) -> list[str]:
@@ -216,8 +238,7 @@ def causal_lm_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[st
     tokenized on its own. Each prompt is computed once for all labels (`label_scores`)."""
     gold = _require_labels(ctx)
     tokenizer = ctx.holder.tokenizer
-    prefix = ctx.task.effective_label_prefix
-    label_ids = [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in ctx.labels]
+    label_ids = label_token_ids(tokenizer, ctx.task, ctx.labels)
     predictions: list[str] = [""] * len(ctx.data)
     # A batch holds about batch_size sequences' worth of label rows, as before.
     batches = length_sorted_batches(ctx.data.texts, max(1, ctx.task.batch_size // len(ctx.labels)))
@@ -225,11 +246,7 @@ def causal_lm_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[st
     with torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             check(ctx.cancel)
-            # A chat template brings its own special tokens.
-            prompts = [tokenizer(_chat(ctx, ctx.data.texts[index]), truncation=True,
-                                 max_length=ctx.task.max_length,
-                                 add_special_tokens=not ctx.task.chat_template)["input_ids"]
-                       for index in batch]
+            prompts = [prompt_ids(tokenizer, ctx.task, ctx.data.texts[index]) for index in batch]
             per_example = label_scores(ctx.holder.model, prompts, label_ids, pad, ctx.holder.device)
             for index, label_id in zip(batch, per_example.argmax(dim=-1).tolist()):
                 predictions[index] = ctx.labels[label_id]
@@ -280,6 +297,62 @@ def generation(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, 
     return metrics, {}
 
 
+# --- AdaMerging's objective: the entropy of the model's own predictions on unlabeled inputs ----
+# Each takes the holder (with whatever is applied or hooked now), the task's settings, a batch
+# of its inputs and its labels, and returns a differentiable scalar.
+
+
+def _encoded(holder: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    encoded = holder.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                               return_tensors="pt")
+    return {name: tensor.to(holder.device) for name, tensor in encoded.items()}
+
+
+def head_entropy(holder: Any, task: TaskConfig, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Mean entropy of the task's classification head over its classes."""
+    return mean_entropy(holder.model(**_encoded(holder, texts, task.max_length)).logits)
+
+
+def label_entropy(holder: Any, task: TaskConfig, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Mean entropy of the softmax over the labels' log-likelihoods (`label_scores`: each prompt
+    computed once), i.e. of the label distribution the evaluator takes its argmax of."""
+    tokenizer = holder.tokenizer
+    scores = label_scores(holder.model, [prompt_ids(tokenizer, task, text) for text in texts],
+                          label_token_ids(tokenizer, task, labels), tokenizer.pad_token_id or 0, holder.device)
+    return mean_entropy(scores)
+
+
+def generation_entropy(holder: Any, task: TaskConfig, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Mean next-token entropy over the model's own greedy continuation of each prompt: up to
+    the task's `max_new_tokens` tokens, through the first end-of-text, generated without
+    gradients, then scored in one differentiable pass. Causal LMs only."""
+    if getattr(holder, "model_class", "causal_lm") != "causal_lm":
+        raise EvaluationError("generation entropy (AdaMerging on generation tasks) needs a causal LM")
+    tokenizer, model, device = holder.tokenizer, holder.model, holder.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [prompt_ids(tokenizer, task, text) for text in texts]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        generated = model.generate(input_ids=input_ids, attention_mask=prompt_mask, do_sample=False,
+                                   max_new_tokens=task.max_new_tokens, pad_token_id=pad)
+    continuation = generated[:, width:]
+    if continuation.shape[1] == 0:
+        raise EvaluationError("generation entropy: the model generated no token")
+    # Keep each continuation through its first end-of-text token; what follows is padding.
+    eos = tokenizer.eos_token_id
+    is_eos = (continuation == eos).long() if eos is not None else torch.zeros_like(continuation)
+    keep = (is_eos.cumsum(dim=1) - is_eos) == 0  # no end-of-text before this token
+    mask = torch.cat([prompt_mask, keep.long()], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=generated, attention_mask=mask, position_ids=positions).logits
+    predicting = logits[:, width - 1 : -1].float()  # position t predicts continuation token t
+    log_probs = torch.log_softmax(predicting, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [prompts, new tokens]
+    return (entropy * keep).sum() / keep.sum().clamp(min=1)
+
+
 @dataclass(frozen=True)
 class Evaluator:
     name: str
@@ -287,6 +360,8 @@ class Evaluator:
     metrics: dict[str, Literal["higher", "lower"]]
     run: Callable[[EvalContext], tuple[dict[str, float], dict[str, dict[str, int]]]]
     needs_labels: bool = True
+    # AdaMerging's objective on this evaluator's tasks: (holder, task, texts, labels) -> scalar
+    entropy: Callable[[Any, TaskConfig, Sequence[str], Sequence[str]], torch.Tensor] | None = None
 
     def evaluate(self, ctx: EvalContext) -> EvalMetrics:
         if ctx.task.primary_metric not in self.metrics:
@@ -312,12 +387,14 @@ EVALUATORS: dict[str, Evaluator] = {
             "argmax of the task's classification head",
             {"accuracy": "higher", "macro_f1": "higher"},
             sequence_classification,
+            entropy=head_entropy,
         ),
         Evaluator(
             "causal_lm_label_scoring",
             "label with the highest log-likelihood as a continuation of the input",
             {"accuracy": "higher", "macro_f1": "higher"},
             causal_lm_label_scoring,
+            entropy=label_entropy,
         ),
         Evaluator(
             "generation",
@@ -325,6 +402,7 @@ EVALUATORS: dict[str, Evaluator] = {
             {"exact_match": "higher", "wer": "lower", "cer": "lower"},
             generation,
             needs_labels=False,
+            entropy=generation_entropy,
         ),
     )
 }

@@ -2,7 +2,11 @@
 
 Yang et al., ICLR 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning". The merged
 model is W0 + sum_i lambda[i, layer] * dW_i; the lambdas are trained with Adam to minimise the
-mean prediction entropy of each classification task's own head on that task's unlabeled inputs.
+mean prediction entropy on each task's unlabeled inputs, as the task's evaluator defines it
+(`EvalSession.prediction_entropy`): its own head's class distribution for sequence
+classification, the softmax over the labels' log-likelihoods for label scoring (each prompt
+computed once), and the mean next-token entropy over the model's own greedy continuation (up to
+the task's `max_new_tokens`) for generation.
 The learned lambdas become a `per_layer` policy, which is then merged, saved and evaluated like
 any other.
 
@@ -13,7 +17,8 @@ Two implementations, same maths:
   cpu_stream` the factors live on the CPU and move to the device per module and step;
   `gpu_cache` keeps them on the device.
 - `functional_clone_legacy`: `torch.func.functional_call` over cloned dense weights
-  W0 + sum_i lambda[i, l] dW_i, as the reference implementation does; kept for comparison.
+  W0 + sum_i lambda[i, l] dW_i, as the reference implementation does; kept for comparison, on
+  sequence classification tasks only.
 The model is changed only through its holder (`hooked`, `frozen`, `head`, `cpu_float32`), which
 undoes every change on exit, including cancellation; its weights are never modified.
 """
@@ -41,6 +46,7 @@ from merging_core.plugins.optimizer_base import (
     OptimizerSession,
     OptimizerSpec,
     ResidentModel,
+    mean_entropy,
 )
 from merging_core.policies import LambdaPolicy
 from merging_core.runtime.cancel import check, report
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUPPORTED_METHODS = ("task_vector", "weighted_delta")
+SUPPORTED_EVALUATORS = ("sequence_classification", "causal_lm_label_scoring", "generation")
 
 PARAMS = (
     ParamSpec("merge_impl", ParamKind.CHOICE, "how the merged weights are formed",
@@ -152,11 +159,6 @@ def functional_weights(model: nn.Module, lambdas: LayerLambdas, adapters: Sequen
     return weights
 
 
-def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
-
-
 class AdaMergingTrainer:
     """Entropy minimisation over per-layer lambdas on a resident model (one step at a time)."""
 
@@ -190,30 +192,33 @@ class AdaMergingTrainer:
                                         max_length=self.session.max_length(task), return_tensors="pt")
         return {k: v.to(self.holder.device) for k, v in encoded.items()}
 
-    def batch(self, task: str) -> dict[str, torch.Tensor]:
+    def batch(self, task: str) -> list[str]:
         texts = self.inputs[task]
-        size = min(self.params["batch_size"], len(texts))
-        return self._encode(task, self.rng.sample(texts, size))
+        return self.rng.sample(texts, min(self.params["batch_size"], len(texts)))
 
     def _autocast(self) -> Any:
         if self.compute_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.holder.device.type, dtype=self.compute_dtype)
 
-    def loss(self, batches: dict[str, dict[str, torch.Tensor]], impl: str | None = None) -> torch.Tensor:
-        """Sum over tasks of the mean entropy of task t's head on task t's batch."""
+    def loss(self, batches: dict[str, list[str]], impl: str | None = None) -> torch.Tensor:
+        """Sum over tasks of the mean prediction entropy on task t's batch (as t's evaluator
+        defines it)."""
         impl = impl or self.params["merge_impl"]
-        model = self.holder.model
         total = torch.zeros(())
-        for task, inputs in batches.items():
-            with self.holder.head(self.session.head(task)), self._autocast():
+        for task, texts in batches.items():
+            with self._autocast():
                 if impl == "streaming_parametrize":
                     with self.holder.hooked(streaming_hooks(self.lambdas, self.deltas)):
-                        logits = model(**inputs).logits
-                else:
+                        entropy = self.session.prediction_entropy(task, texts, self.holder)
+                else:  # sequence classification only (checked in `run`)
+                    model = self.holder.model
                     weights = functional_weights(model, self.lambdas, self.adapters, self.transpose)
-                    logits = torch.func.functional_call(model, weights, args=(), kwargs=inputs).logits
-            total = total + mean_entropy(logits).cpu()
+                    with self.holder.head(self.session.head(task)):
+                        logits = torch.func.functional_call(
+                            model, weights, args=(), kwargs=self._encode(task, texts)).logits
+                    entropy = mean_entropy(logits)
+            total = total + entropy.cpu()
         return total
 
     def step(self) -> float:
@@ -258,7 +263,12 @@ def run(ctx: OptimizerContext, params: Params) -> OptimizerResult:
             "(lora-merge merge --workspace ..., or through the service)"
         )
     tasks = [a.name for a in ctx.adapters]
-    ADAMERGING.check(ctx.method, tasks, {task: session.evaluator_of(task) for task in tasks})
+    evaluators = {task: session.evaluator_of(task) for task in tasks}
+    ADAMERGING.check(ctx.method, tasks, evaluators)
+    ADAMERGING.check_adapters(ctx.adapters, evaluators)
+    if params["merge_impl"] == "functional_clone_legacy" and set(evaluators.values()) != {"sequence_classification"}:
+        raise ParamError("optimizer 'adamerging': merge_impl functional_clone_legacy works on sequence "
+                         "classification tasks only; use streaming_parametrize")
     with session.holder.cpu_float32() if params["force_cpu"] else nullcontext(session.holder) as holder:
         trainer = AdaMergingTrainer(session, ctx.adapters, ctx.modules, tasks, params, holder)
         if not trainer.lambdas.modules:
@@ -294,8 +304,8 @@ ADAMERGING = OptimizerSpec(
     run,
     params_validator=_validate,
     methods=SUPPORTED_METHODS,
-    evaluators=("sequence_classification",),
-    needs_heads=True,
+    evaluators=SUPPORTED_EVALUATORS,
+    heads_for=("sequence_classification",),
     # Modules outside any numbered layer are not learned: they keep the initial coefficient.
     initial_lambda=lambda params, n_adapters: [params["init_lambda"]] * n_adapters,
 )

@@ -30,6 +30,13 @@ from merging_core.runtime.cancel import CancelToken, Progress
 ForwardHook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
 
 
+def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the entropy of softmax(logits) along the last dimension (AdaMerging's
+    objective: the model's uncertainty about its own predictions)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
 class ResidentModel(Protocol):
     """The model holder as an optimizer sees it: every change goes through a context manager
     that undoes it on exit (see `merging_core.evaluation.holder.ModelHolder`)."""
@@ -61,6 +68,11 @@ class OptimizerSession(Protocol):
     def unlabeled_texts(self, task: str, split: str) -> list[str]: ...
 
     def head(self, task: str) -> Mapping[str, torch.Tensor]: ...
+
+    def prediction_entropy(self, task: str, texts: Sequence[str], holder: ResidentModel) -> torch.Tensor:
+        """The mean entropy of the model's own predictions for task t on `texts`, as its
+        evaluator defines them (differentiable): AdaMerging's objective."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,8 @@ class OptimizerSpec:
     methods: tuple[str, ...] | None = None
     evaluators: tuple[str, ...] | None = None
     initial_lambda: Callable[[Params, int], list[float]] | None = None
-    needs_heads: bool = False  # every adapter must bring its task's own head (modules_to_save)
+    # adapters of tasks scored by these evaluators must bring their own head (modules_to_save)
+    heads_for: tuple[str, ...] = ()
 
     @property
     def sets_lambdas(self) -> bool:
@@ -121,15 +134,18 @@ class OptimizerSpec:
             if evaluator not in self.evaluators:
                 what = f"uses evaluator {evaluator!r}" if evaluator else "is not a workspace task"
                 raise ParamError(
-                    f"optimizer {self.name!r} needs classification tasks with their own head; "
-                    f"task {task!r} {what}"
+                    f"optimizer {self.name!r} works on workspace tasks scored by "
+                    f"{', '.join(self.evaluators)}; task {task!r} {what}"
                 )
 
-    def check_adapters(self, adapters: Sequence[LoraAdapter]) -> None:
-        """Refuse adapters this optimizer cannot use (checked on the loaded factors and heads)."""
-        if not self.needs_heads:
+    def check_adapters(self, adapters: Sequence[LoraAdapter],
+                       task_evaluators: Mapping[str, str] | None = None) -> None:
+        """Refuse adapters this optimizer cannot use (checked on the loaded factors and heads):
+        those of tasks whose evaluator needs a head and that bring none."""
+        if not self.heads_for or task_evaluators is None:
             return
-        headless = [adapter.name for adapter in adapters if not adapter.heads]
+        headless = [adapter.name for adapter in adapters
+                    if task_evaluators.get(adapter.name) in self.heads_for and not adapter.heads]
         if headless:
             raise ParamError(
                 f"optimizer {self.name!r} minimises the entropy of each task's own head; adapter(s) "
