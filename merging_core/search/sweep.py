@@ -241,7 +241,7 @@ class Sweep:
             return self._record(Trial.from_dict({**proposal.reuse, "index": proposal.index,
                                                  "source": "warm_start"}))
         started = time.perf_counter()
-        output = load_merge(self.plan.trial_plan(proposal.point), adapter_cache=self.session.adapter_cache)
+        output = load_merge(self.plan.trial_plan(proposal.point), session=self.session)
         eval_id = f"{self.sweep_id}/trial_{proposal.index:04d}"
         config = self.plan.config
         result = self.session.evaluate_merge(
