@@ -13,6 +13,10 @@ from merging_core.engine.merge import MergeOutput
 from merging_core.engine.runner import MergeResult, prepare_merge, run_merge
 from merging_core.errors import MergeError
 
+# `optimizer: bayes` runs a sweep, so it registers itself from merging_core.search; importing the
+# package makes it available to every run_merge.
+import merging_core.search  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "MergeConfig",
     "MergeError",

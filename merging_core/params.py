@@ -23,6 +23,8 @@ class ParamKind(str, Enum):
     # One of `choices`.
     CHOICE = "choice"
     STRING = "string"
+    # A JSON object (e.g. a search space), checked further by its owner's validator.
+    OBJECT = "object"
 
 
 class _Required:
@@ -82,6 +84,10 @@ class ParamSpec:
                 allowed = f"one of {', '.join(self.choices)}" if self.choices else "a string"
                 raise ParamError(f"{owner}: parameter {self.name!r} must be {allowed}, got {value!r}")
             return value
+        if self.kind is ParamKind.OBJECT:
+            if not isinstance(value, Mapping):
+                raise ParamError(f"{owner}: parameter {self.name!r} must be an object, got {value!r}")
+            return dict(value)
         if self.kind is ParamKind.INT:
             return self._number(owner, value, integer=True)
         if self.kind is ParamKind.FLOAT:
@@ -111,6 +117,8 @@ class ParamSpec:
             schema = {"type": "boolean"}
         elif self.kind in (ParamKind.CHOICE, ParamKind.STRING):
             schema = {"type": "string", **({"enum": list(self.choices)} if self.choices else {})}
+        elif self.kind is ParamKind.OBJECT:
+            schema = {"type": "object"}
         else:
             schema = number
         described = {"name": self.name, "kind": self.kind.value, "required": self.required}

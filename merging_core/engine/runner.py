@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from merging_core.adapters import AdapterCache, LoraAdapter
 from merging_core.config.schema import MergeConfig
 from merging_core.engine.merge import GramSource, MergeOutput
-from merging_core.engine.plan import MergePlan, check_grams_available, plan_merge
+from merging_core.engine.plan import MergePlan, check_grams_available, plan_merge, plan_variant
 from merging_core.engine.registry import get_method
 from merging_core.engine.saving import save_merged_adapter
 from merging_core.params import Params
@@ -102,6 +102,10 @@ def load_merge(
                          progress=progress),
         plan.optimizer.params,
     )
+    policy = optimized.policy
+    if optimized.variant is not None:  # the optimizer chose the params too (`bayes`)
+        plan = plan_variant(plan, *optimized.variant)
+        policy = plan.policy
     grams = None
     if method.needs_grams:
         assert session is not None
@@ -112,7 +116,7 @@ def load_merge(
         modules=list(plan.modules),
         left_out=dict(plan.left_out),
         params=plan.params,
-        policy=optimized.policy,
+        policy=policy,
         transforms=[build_transform(t.name, t.params) for t in plan.transforms],
         merge_mode=plan.config.merge_mode,
         optimizer=plan.optimizer.describe(),
@@ -165,9 +169,9 @@ def execute(
             "method": plan.method,
             "merge_tag": output.merge_tag,
             "merge_mode": config.merge_mode,
-            "params": plan.params,
+            "params": output.params,
             "method_params": dict(config.method_params),
-            "lambda_policy": output.policy.describe(plan.params.get("lambda")),
+            "lambda_policy": output.policy.describe(output.params.get("lambda")),
             "transforms": [t.describe() for t in output.transforms],
             "optimizer": {**output.optimizer, "summary": output.optimizer_summary,
                           "artifacts": sorted(output.optimizer_artifacts)},
@@ -195,7 +199,7 @@ def execute(
     log.info("merge %s written to %s", output.merge_tag, final_dir)
     return MergeResult(
         method=plan.method,
-        params=plan.params,
+        params=output.params,
         merge_tag=output.merge_tag,
         run_dir=final_dir,
         adapter_path=final_dir if saved else None,

@@ -91,11 +91,16 @@ class OptimizerContext:
 
 @dataclass
 class OptimizerResult:
-    """The policy to merge with, and files for the run bundle (name -> JSON-able or bytes)."""
+    """The policy to merge with, and files for the run bundle (name -> JSON-able or bytes).
+
+    An optimizer that chooses the method params too (`bayes`) sets `variant`: the chosen
+    (method_params, lambda_policy) in request form, which the runner re-plans and validates
+    like a sweep's trial, and which then replace `policy`."""
 
     policy: LambdaPolicy
     artifacts: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    variant: tuple[dict[str, Any], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class OptimizerSpec:
     initial_lambda: Callable[[Params, int], list[float]] | None = None
     # adapters of tasks scored by these evaluators must bring their own head (modules_to_save)
     heads_for: tuple[str, ...] = ()
+    needs_tasks: bool = False  # every adapter must be a workspace task (any evaluator)
 
     @property
     def sets_lambdas(self) -> bool:
@@ -127,7 +133,14 @@ class OptimizerSpec:
                 f"optimizer {self.name!r} learns per-layer task-arithmetic coefficients; use "
                 f"method {' or '.join(self.methods)}, not {method!r}"
             )
-        if self.evaluators is None or task_evaluators is None:
+        if task_evaluators is None:
+            return
+        if self.needs_tasks:
+            strangers = [task for task in tasks if task not in task_evaluators]
+            if strangers:
+                raise ParamError(f"optimizer {self.name!r} scores each adapter on its workspace task; "
+                                 f"{', '.join(map(repr, strangers))} is not a workspace task")
+        if self.evaluators is None:
             return
         for task in tasks:
             evaluator = task_evaluators.get(task)

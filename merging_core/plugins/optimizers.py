@@ -1,9 +1,11 @@
 """The optimizer registry: the hook where an optimizer sets the lambda policy before merging.
 
 `none` keeps the configured policy. `adamerging` learns per-layer, per-adapter lambdas by
-entropy minimisation on the resident model (see `plugins/adamerging.py`). Active search over
-lambdas against labelled metrics is a sweep (`search.type: bayes`). What an optimizer is, and
-the session it runs against, is in `plugins/optimizer_base.py`.
+entropy minimisation on the resident model (see `plugins/adamerging.py`). `bayes` runs a short
+Bayesian search through the sweep machinery and merges with its best point; it lives with the
+sweeps (`search/optimizer.py`) and registers itself here with `register_optimizer` when
+`merging_core.search` is imported (the `merging_core` package imports it). What an optimizer
+is, and the session it runs against, is in `plugins/optimizer_base.py`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add an optimizer defined above this layer (`bayes`, in `search/`); names are unique."""
+    if spec.name in OPTIMIZERS:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
 def get_optimizer(name: str) -> OptimizerSpec:
     spec = OPTIMIZERS.get(name)
     if spec is None:
-        hint = " (for Bayesian search over lambdas, use a sweep with search.type: bayes)"
-        raise UnknownMethodError(
-            f"unknown optimizer {name!r}; available: {', '.join(sorted(OPTIMIZERS))}"
-            + (hint if name == "bayes" else "")
-        )
+        raise UnknownMethodError(f"unknown optimizer {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
     return spec
 
 
