@@ -26,7 +26,7 @@ from merging_core.adapters import AdapterCache
 from merging_core.config import MergeConfig, parse_merge_config
 from merging_core.engine.plan import MergePlan, plan_merge
 from merging_core.engine.runner import execute, load_merge
-from merging_core.errors import Cancelled
+from merging_core.errors import Cancelled, MergeError
 from merging_core.evaluation.evaluate import EvalSession
 from merging_core.evaluation.workspace import Workspace
 from merging_core.runtime.cancel import CancelToken
@@ -189,6 +189,9 @@ class JobRunner:
                     "progress_message": "re-queued: the service stopped; the next start resumes it"}
             else:
                 final, fields = JobStatus.CANCELLED, {"progress_message": "cancelled; weights restored"}
+        except MergeError as exc:  # bad input found while running: the message says it all
+            log.warning("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
+            final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}
         except Exception as exc:  # noqa: BLE001 - every failure becomes the job's structured error
             log.exception("job %s failed", job_id)
             final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}

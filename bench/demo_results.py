@@ -60,6 +60,10 @@ class Profile:
     budget: int  # bayes sweep trials (default)
     base_row: bool
     describe: str  # the note under the table
+    adamerging: dict  # AdaMerging's params (sized so that a run takes minutes on 2 cores)
+    regmean_samples: int  # RegMean's samples_per_task
+    groups: int  # layer groups of the bayes-with-layer-groups row
+    group_budget: int  # its trials
 
 
 PROFILES = {
@@ -68,14 +72,17 @@ PROFILES = {
         marker="demo-results", test_subset=None,
         selection=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
         lambdas=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2), budget=20,
-        base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)"),
+        base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)",
+        adamerging={"steps": 60}, regmean_samples=256, groups=3, group_budget=40),
     "causal": Profile(
         workspace=ROOT / "workspaces/causal/workspace.yaml", results=RESULTS_DIR / "causal_results.md",
         marker="causal-results", test_subset=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
         selection=EvalSubsetConfig(max_samples=60, stratified=True, seed=0),
         lambdas=(0.3, 0.5, 0.7, 1.0), budget=10, base_row=True,
         describe=("Causal workspace (SmolLM2-135M-Instruct), fixed stratified test subsets of 300 rows "
-                  "per task (seed 0); coefficients chosen on 60-row stratified train subsets")),
+                  "per task (seed 0); coefficients chosen on 60-row stratified train subsets"),
+        adamerging={"steps": 30, "batch_size": 4, "samples_per_task": 64, "lr": 0.01},
+        regmean_samples=128, groups=3, group_budget=24),
 }
 
 
@@ -140,6 +147,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=None, help="bayes sweep trials (demo 20, causal 10)")
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: temp)")
     parser.add_argument("--adamerging", action="store_true", help="add an AdaMerging row")
+    parser.add_argument("--regmean", action="store_true", help="add a RegMean row")
+    parser.add_argument("--layer-groups", action="store_true",
+                        help="add the best of optimizer bayes over per-adapter lambdas in layer groups")
+    parser.add_argument("--all", action="store_true", help="add every optional row")
     args = parser.parse_args()
     profile = PROFILES[args.workspace]
     budget = args.budget or profile.budget
@@ -174,8 +185,12 @@ def main() -> None:
                        + f"] ({budget} trials on train subset)",
                        evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
                                                  "method_params": {"lambda": weights}}, "test", test)))
-    if args.adamerging:
-        rows.append(adamerging_row(session, test))
+    if args.regmean or args.all:
+        rows.append(regmean_row(session, profile, test))
+    if args.adamerging or args.all:
+        rows.append(adamerging_row(session, profile, test))
+    if args.layer_groups or args.all:
+        rows.append(layer_group_row(session, profile, test))
 
     header = ["merge", "setting", *[f"{t} acc" for t in TASKS], *[f"{t} delta" for t in TASKS],
               "min delta", "min normalised", "mean acc"]
@@ -206,15 +221,43 @@ def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-ar
                          "<!-- accuracies:end -->", lines)
 
 
-def adamerging_row(session: EvalSession, test: EvalSubsetConfig | None) -> Row:
-    """AdaMerging's learned per-layer lambdas (issue: optimizer `adamerging`)."""
-    config = {"adapters": TASKS, "method": "weighted_delta", "method_params": {"lambda": [1.0, 1.0, 1.0]},
-              "optimizer": {"name": "adamerging", "params": {"steps": 60}}}
+def _merge_row(session: EvalSession, config: dict, test: EvalSubsetConfig | None, name: str,
+               detail: str) -> Row:
     merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
                        session=session)
     result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, subset=test,
                                     run_dir=merged.run_dir)
-    return Row.of("adamerging", "per-layer lambdas learned by entropy minimisation", result)
+    return Row.of(name, detail, result)
+
+
+def adamerging_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
+    """AdaMerging's learned per-layer lambdas (optimizer `adamerging`; no labels used)."""
+    params = profile.adamerging
+    config = {"adapters": TASKS, "method": "weighted_delta", "method_params": {"lambda": [1.0, 1.0, 1.0]},
+              "optimizer": {"name": "adamerging", "params": params}}
+    setting = ", ".join(f"{k}={v}" for k, v in params.items())
+    return _merge_row(session, config, test, "adamerging",
+                      f"per-layer lambdas learned by entropy minimisation ({setting})")
+
+
+def regmean_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
+    """RegMean (alpha 0.9) on Grams of each task's unlabeled train inputs."""
+    config = {"adapters": TASKS, "method": "regmean",
+              "method_params": {"alpha": 0.9, "samples_per_task": profile.regmean_samples}}
+    return _merge_row(session, config, test, "regmean",
+                      f"alpha=0.9, Grams of {profile.regmean_samples} train inputs per task")
+
+
+def layer_group_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
+    """optimizer bayes over one lambda per (layer group, adapter), chosen on the train subset."""
+    params = {"budget": profile.group_budget, "init_points": min(12, profile.group_budget // 2), "seed": 0,
+              "split": "train", "search_subset": profile.selection.model_dump(),
+              "space": {"lambda": {"min": 0.0, "max": 1.5, "per_adapter": True,
+                                   "per_layer_groups": profile.groups}}}
+    config = {"adapters": TASKS, "method": "weighted_delta", "optimizer": {"name": "bayes", "params": params}}
+    return _merge_row(session, config, test, "bayes, layer groups",
+                      f"weighted_delta, {profile.groups} layer groups x 3 adapters "
+                      f"({profile.group_budget} trials on train subset)")
 
 
 if __name__ == "__main__":

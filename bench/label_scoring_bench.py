@@ -19,6 +19,7 @@ least 0.8 of the ceiling.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS_FILE}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]  # before timing: a busy machine slows both paths
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workspace = load_workspace(WORKSPACE)
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|---:|---:|---:|---|", *rows, "", *verdicts]
     text = "\n".join([
         "# Label scoring: one sequence per label vs each prompt computed once (CPU)", "",
-        f"- date (UTC): {utc_stamp()}", f"- {cpu_line(0.0)}",
+        f"- date (UTC): {utc_stamp()}", f"- {cpu_line(load)}",
         f"- versions: {versions_line('torch', 'transformers')}",
         "- model: SmolLM2-135M-Instruct (the causal workspace's base, float32), stratified test rows",
         "", *table, "",

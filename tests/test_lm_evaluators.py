@@ -256,3 +256,57 @@ def test_adamerging_on_lm_tasks_through_the_service(lm_workspace: Path, tmp_path
         learned = json.loads((Path(done["run_dir"]) / "adamerging_lambdas.json").read_text())
         assert len(learned["entropy"]) == 3 and all(value == value for value in learned["entropy"])
         assert learned["lambdas"] and any(value != 0.3 for values in learned["lambdas"].values() for value in values)
+
+
+CHAT = "{% for m in messages %}sky {{ m['content'] }} sea{% endfor %}{% if add_generation_prompt %} tree{% endif %}"
+
+
+def test_chat_template_prompts_and_their_default_label_prefix(lm_workspace: Path, lm_session: EvalSession,
+                                                              tmp_path: Path) -> None:
+    """With `chat_template: true` the rendered chat turn is scored (no special tokens added
+    twice) and each label is scored with the default prefix "" after it."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "chat_base"
+    LlamaForCausalLM.from_pretrained(lm_workspace.parent / "base").save_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(lm_workspace.parent / "base")
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(base)
+    spec_path = _templated_workspace(lm_workspace, tmp_path / "ws", chat_template=True)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["base_model"]["path"] = str(base)
+    spec_path.write_text(yaml.safe_dump(spec))
+    session = EvalSession.from_workspace(load_workspace(spec_path), tmp_path / "artifacts")
+    assert session.workspace.task("pick").effective_label_prefix == ""
+    tokenizer, model = session.holder.tokenizer, session.holder.model
+    metrics = session.evaluate_output(session.task_output("pick"), ["pick"], "test", None)["pick"]
+    correct = 0
+    with session.holder.applied(session.task_output("pick")), torch.inference_mode():
+        for row in _rows(lm_workspace, "pick"):
+            prompt = tokenizer(f"sky {row['text']} sea tree", add_special_tokens=False)["input_ids"]
+            scores = []
+            for candidate in LABELS:
+                ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits[0], -1)
+                scores.append(sum(float(log_probs[len(prompt) - 1 + k, t]) for k, t in enumerate(ids)))
+            correct += LABELS[scores.index(max(scores))] == row["label"]
+    assert metrics.primary == pytest.approx(correct / 10)
+
+
+def test_a_long_prompt_keeps_its_end(lm_session: EvalSession) -> None:
+    """The template's cue is at the prompt's end, so truncation to max_length keeps the end."""
+    from merging_core.evaluation.evaluators import prompt_ids
+
+    task = lm_session.workspace.task("pick")  # max_length 16
+    text = " ".join(["red"] * 30 + ["sky", "sea"])
+    ids = prompt_ids(lm_session.holder.tokenizer, task, text)
+    assert len(ids) == 16
+    assert lm_session.holder.tokenizer.decode(ids[-2:]) == "sky sea"
+
+
+@pytest.mark.parametrize("template", ["{text.upper}", "{text[0]}", "{}", "no column"])
+def test_templates_name_plain_columns(template: str) -> None:
+    from merging_core.evaluation.workspace import TaskConfig
+
+    with pytest.raises(ValueError, match="prompt_template"):
+        TaskConfig(adapter="a", data={"test": "x.jsonl"}, prompt_template=template)

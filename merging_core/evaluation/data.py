@@ -78,8 +78,8 @@ def render_prompts(path: Path, rows: list[dict[str, Any]], template: str) -> lis
                 f"{path}: prompt_template names column {exc.args[0]!r}, which row {number} lacks "
                 f"(its columns: {', '.join(sorted(row))})"
             ) from None
-        except (ValueError, IndexError) as exc:
-            raise ConfigError(f"prompt_template {template!r} is not a valid format string: {exc}") from None
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"prompt_template {template!r} cannot be filled from row {number}: {exc}") from None
     return prompts
 
 

@@ -117,10 +117,13 @@ def render_prompt(tokenizer: Any, task: TaskConfig, prompt: str) -> str:
 
 
 def prompt_ids(tokenizer: Any, task: TaskConfig, prompt: str) -> list[int]:
-    """A prompt's token ids as label scoring sees them: rendered, truncated to `max_length`; a
-    chat template brings its own special tokens, so none are added to it."""
-    return list(tokenizer(render_prompt(tokenizer, task, prompt), truncation=True, max_length=task.max_length,
-                          add_special_tokens=not task.chat_template)["input_ids"])
+    """A prompt's token ids as label scoring sees them: rendered (a chat template brings its
+    own special tokens, so none are added to it); a prompt longer than `max_length` keeps its
+    last `max_length` tokens, because a template's cue ("...\nIntent:", the assistant turn)
+    is at its end."""
+    ids = list(tokenizer(render_prompt(tokenizer, task, prompt), add_special_tokens=not task.chat_template,
+                         verbose=False)["input_ids"])
+    return ids[-task.max_length:]
 
 
 def label_token_ids(tokenizer: Any, task: TaskConfig, labels: Sequence[str]) -> list[list[int]]:
@@ -269,7 +272,9 @@ def generation(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, 
     batches = length_sorted_batches(ctx.data.texts, ctx.task.batch_size)
     is_causal = ctx.holder.model_class == "causal_lm"
     if is_causal:
+        # Left padding for generation; a long prompt keeps its end (see `prompt_ids`).
         tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "left"
     with torch.inference_mode():
         for done, batch in enumerate(batches, start=1):
             check(ctx.cancel)

@@ -37,7 +37,7 @@ from merging_core.adapters import LoraAdapter
 from merging_core.adapters.loading import WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput
 from merging_core.errors import EvaluationError
-from merging_core.evaluation.evaluators import length_sorted_batches
+from merging_core.evaluation.evaluators import length_sorted_batches, prompt_ids
 from merging_core.evaluation.holder import ModelHolder
 from merging_core.evaluation.workspace import TaskConfig
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
@@ -46,7 +46,7 @@ from merging_core.runtime.paths import gram_file, grams_manifest_file
 
 log = logging.getLogger(__name__)
 
-GRAMS_FORMAT = 1  # part of every cache key: bump when what a cached Gram means changes
+GRAMS_FORMAT = 2  # part of every cache key: bump when what a cached Gram means changes
 # Evaluators whose model input is the task's text (as a prompt for the causal-LM ones).
 PROMPT_EVALUATORS = ("causal_lm_label_scoring", "generation")
 GRAM_EVALUATORS = ("sequence_classification", *PROMPT_EVALUATORS)
@@ -109,14 +109,11 @@ def gram_key(*, model_path: Path, dtype: torch.dtype, model_class: str, adapter:
 
 def prompt_token_ids(tokenizer: Any, task: TaskConfig, text: str) -> list[int]:
     """The token ids the task's evaluator feeds the model for `text`: for causal-LM evaluators
-    the prompt rendered in the chat template when `chat_template` is set (the template brings
-    its own special tokens), truncated to `max_length`; the text itself for classification."""
-    if task.evaluator in PROMPT_EVALUATORS and task.chat_template:
-        text = str(tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False))
-    encoded = tokenizer(text, truncation=True, max_length=task.max_length,
-                        add_special_tokens=not task.chat_template)
-    return list(encoded["input_ids"])
+    the prompt exactly as label scoring sees it (`evaluators.prompt_ids`); the text itself,
+    truncated to `max_length`, for classification."""
+    if task.evaluator in PROMPT_EVALUATORS:
+        return prompt_ids(tokenizer, task, text)
+    return list(tokenizer(text, truncation=True, max_length=task.max_length)["input_ids"])
 
 
 def right_padded(tokenizer: Any, task: TaskConfig, texts: Sequence[str],

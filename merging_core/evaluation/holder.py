@@ -120,7 +120,8 @@ class ModelHolder:
         """Tokenise one padded batch onto the model's device (`add_special_tokens=False` for text
         that brings its own, e.g. a rendered chat template). Sweeps evaluate the same batches
         every trial, so recent batches are kept (bounded LRU) instead of re-tokenised."""
-        key = (max_length, str(self.tokenizer.padding_side), add_special_tokens, tuple(texts))
+        key = (max_length, str(self.tokenizer.padding_side), str(self.tokenizer.truncation_side),
+               add_special_tokens, tuple(texts))
         cached = self._encodings.get(key)
         if cached is not None:
             self._encodings.move_to_end(key)

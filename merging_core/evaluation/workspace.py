@@ -21,6 +21,7 @@ A workspace is also a task registry: a task name works wherever an adapter is ex
 from __future__ import annotations
 
 import importlib.util
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +81,25 @@ class TaskConfig(BaseModel):
         default=False, description="wrap the prompt as a user turn in the tokenizer's chat template")
     label_prefix: str | None = Field(
         default=None, description='put before each label when scoring it (default " ", "" with chat_template)')
+
+    @model_validator(mode="after")
+    def _template_names_columns(self) -> TaskConfig:
+        """A template's fields are plain column names: `{text}`, never `{text.upper}` or
+        `{text[0]}` (attribute and index lookups would render Python objects, not data)."""
+        if self.prompt_template is None:
+            return self
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt_template {self.prompt_template!r} is not a valid format string: {exc}") from None
+        for name in fields:
+            if not name or name.isdigit() or "." in name or "[" in name:
+                raise ValueError(
+                    f"prompt_template field {{{name}}} must name a column: attribute and index lookups "
+                    "and positional fields are not supported")
+        if not fields:
+            raise ValueError("prompt_template names no column; write e.g. \"Text: {text}\\nIntent:\"")
+        return self
 
     @property
     def effective_label_prefix(self) -> str:
