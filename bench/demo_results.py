@@ -20,30 +20,46 @@ chosen merge is evaluated on the test split (or its fixed subset).
     .venv/bin/python bench/demo_results.py --workspace causal --write
 
 No number in the tables is typed by hand; the README's results tables are this file's output.
+
+With `--artifacts DIR`, a rerun on the same DIR reads back the rows an earlier run finished
+(`DIR/demo_results_rows/`, keyed by the workspace, the test subset and the row's settings), so a
+crash in the last row costs that row only; the note's minutes add each row's recorded time.
+Delete that folder to measure every row again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import mkdtemp
 
-# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
-from common import (RESULTS_DIR, ROOT, publish, replace_marked_block, setup_logging, utc_stamp,
-                    versions_line)
-
 import torch
+
+# Before torch: importing common puts the checkout on sys.path and Hugging Face offline.
+from common import (
+    RESULTS_DIR,
+    ROOT,
+    publish,
+    replace_marked_block,
+    setup_logging,
+    utc_stamp,
+    versions_line,
+)
 
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig, parse_merge_config
 from merging_core.evaluation.evaluate import EvalSession, EvaluationResult
 from merging_core.evaluation.evaluators import EvalMetrics
-from merging_core.search import run_sweep
 from merging_core.evaluation.workspace import load_workspace
+from merging_core.search import run_sweep
 
+log = logging.getLogger("demo_results")
 TASKS = ["intent", "banking", "sentiment"]
 
 
@@ -101,6 +117,17 @@ class Row:
         return cls(name, detail, {t: result.tasks[t].merged for t in TASKS},
                    {t: result.tasks[t].reference for t in TASKS})
 
+    def to_dict(self) -> dict:  # type: ignore[type-arg]
+        return {"name": self.name, "detail": self.detail,
+                "merged": {t: m.to_dict() for t, m in self.merged.items()},
+                "reference": {t: m.to_dict() for t, m in self.reference.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Row:  # type: ignore[type-arg]
+        return cls(data["name"], data["detail"],
+                   {t: EvalMetrics.from_dict(m) for t, m in data["merged"].items()},
+                   {t: EvalMetrics.from_dict(m) for t, m in data["reference"].items()})
+
     def cells(self) -> list[str]:
         accuracy = {t: self.merged[t].primary for t in TASKS}
         deltas = {t: accuracy[t] - self.reference[t].primary for t in TASKS}
@@ -109,6 +136,34 @@ class Row:
         return [self.name, self.detail, *(f"{accuracy[t]:.4f}" for t in TASKS),
                 *(f"{deltas[t]:+.4f}" for t in TASKS), f"{min(deltas.values()):+.4f}", f"{normalized:.3f}",
                 f"{mean:.4f}"]
+
+
+class RowCache:
+    """Finished rows of earlier runs on the same artifacts dir, and each row's seconds."""
+
+    def __init__(self, root: Path, profile: Profile) -> None:
+        self.folder = root / "demo_results_rows"
+        self.scope = [str(profile.workspace.relative_to(ROOT)),
+                      profile.test_subset.model_dump(mode="json") if profile.test_subset else None]
+        self.seconds = 0.0  # the rows' own compute time, read back or measured now
+        self.measured_now = 0.0  # the part of it measured in this run
+
+    def row(self, settings: dict, compute: Callable[[], Row]) -> Row:  # type: ignore[type-arg]
+        key = hashlib.sha256(json.dumps([self.scope, settings], sort_keys=True).encode()).hexdigest()[:16]
+        path = self.folder / f"{settings['row']}_{key}.json".replace(" ", "_")
+        if path.exists():
+            data = json.loads(path.read_text())
+            log.info("row %r read back from %s (%.0f s when measured)", settings["row"], path, data["seconds"])
+            self.seconds += data["seconds"]
+            return Row.from_dict(data["row"])
+        started = time.perf_counter()
+        row = compute()
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.measured_now += seconds
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings, "seconds": round(seconds, 1), "row": row.to_dict()}))
+        return row
 
 
 def evaluate_config(session: EvalSession, config: dict, split: str,
@@ -127,7 +182,7 @@ def best_task_vector(session: EvalSession, profile: Profile) -> float:
                                            "method_params": {"lambda": lam}}, "train", profile.selection)
         mean = sum(result.tasks[t].merged.primary for t in TASKS) / len(TASKS)
         scores[lam] = (mean, result.objective)
-        logging.info("task_vector lambda=%s train-subset mean acc %.4f, objective %.4f", lam, mean,
+        log.info("task_vector lambda=%s train-subset mean acc %.4f, objective %.4f", lam, mean,
                      result.objective)
     return max(scores, key=lambda lam: scores[lam])
 
@@ -170,34 +225,33 @@ def main() -> None:
     if profile.base_row:
         rows.append(Row("base model", "no adapter", {t: session.base_metrics(t, "test", test) for t in TASKS},
                         references))
+    cache = RowCache(artifacts, profile)
     for task in TASKS:
-        others = [t for t in TASKS if t != task]
-        result = session.evaluate_merge(session.task_output(task), merge_tag=f"single_{task}", tasks=others,
-                                        subset=test, layout=("single", [task]))
-        merged = {t: result.tasks[t].merged for t in others} | {task: references[task]}
-        rows.append(Row(f"{task} adapter alone",
-                        "its own LoRA" + ("" if profile.base_row else ", each task's head"), merged, references))
-    rows.append(Row.of("uniform", "mean of deltas",
-                       evaluate_config(session, {"adapters": TASKS, "method": "uniform"}, "test", test)))
-    lam = best_task_vector(session, profile)
-    rows.append(Row.of("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(profile.lambdas)} tried)",
-                       evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
-                                                 "method_params": {"lambda": lam}}, "test", test)))
-    rows.append(Row.of("ties", "k=20, lambda=1",
-                       evaluate_config(session, {"adapters": TASKS, "method": "ties"}, "test", test)))
-    rows.append(Row.of("dare_ties", "density=0.5, seed=0",
-                       evaluate_config(session, {"adapters": TASKS, "method": "dare_ties"}, "test", test)))
-    weights = best_bayes_point(session, profile, budget)
-    rows.append(Row.of("bayes sweep best", "weighted_delta, lambda=[" + ", ".join(f"{w:.2f}" for w in weights)
-                       + f"] ({budget} trials on train subset)",
-                       evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
-                                                 "method_params": {"lambda": weights}}, "test", test)))
+        rows.append(cache.row({"row": f"alone_{task}"}, lambda task=task: alone_row(session, task, test, references,
+                                                                                  profile.base_row)))
+    rows.append(cache.row({"row": "uniform"}, lambda: Row.of(
+        "uniform", "mean of deltas",
+        evaluate_config(session, {"adapters": TASKS, "method": "uniform"}, "test", test))))
+    rows.append(cache.row({"row": "task_vector", "lambdas": profile.lambdas,
+                           "selection": profile.selection.model_dump(mode="json")},
+                          lambda: task_vector_row(session, profile, test)))
+    rows.append(cache.row({"row": "ties"}, lambda: Row.of(
+        "ties", "k=20, lambda=1", evaluate_config(session, {"adapters": TASKS, "method": "ties"}, "test", test))))
+    rows.append(cache.row({"row": "dare_ties"}, lambda: Row.of(
+        "dare_ties", "density=0.5, seed=0",
+        evaluate_config(session, {"adapters": TASKS, "method": "dare_ties"}, "test", test))))
+    rows.append(cache.row({"row": "bayes", "budget": budget, "selection": profile.selection.model_dump(mode="json")},
+                          lambda: bayes_row(session, profile, test, budget)))
     if args.regmean or args.all:
-        rows.append(regmean_row(session, profile, test))
+        rows.append(cache.row({"row": "regmean", "samples": profile.regmean_samples},
+                              lambda: regmean_row(session, profile, test)))
     if args.adamerging or args.all:
-        rows.append(adamerging_row(session, profile, test))
+        rows.append(cache.row({"row": "adamerging", "params": profile.adamerging},
+                              lambda: adamerging_row(session, profile, test)))
     if args.layer_groups or args.all:
-        rows.append(layer_group_row(session, profile, test))
+        rows.append(cache.row({"row": "layer_groups", "groups": profile.groups, "budget": profile.group_budget,
+                               "selection": profile.selection.model_dump(mode="json")},
+                              lambda: layer_group_row(session, profile, test)))
 
     header = ["merge", "setting", *[f"{t} acc" for t in TASKS], *[f"{t} delta" for t in TASKS],
               "min delta", "min normalised", "mean acc"]
@@ -206,7 +260,8 @@ def main() -> None:
         "|" + "---|" * len(header),
         *("| " + " | ".join(row.cells()) + " |" for row in rows),
     ]
-    minutes = (time.perf_counter() - started) / 60
+    # Rows read back from an earlier run count at the time they took then.
+    minutes = (time.perf_counter() - started - cache.measured_now + cache.seconds) / 60
     note = (f"{profile.describe}; CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; "
             f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py"
             f"{'' if args.workspace == 'demo' else ' --workspace ' + args.workspace}`.")
@@ -216,6 +271,32 @@ def main() -> None:
                              [*lines, "", note])
         if args.workspace == "demo":
             record_adapter_accuracies(references)
+
+
+def alone_row(session: EvalSession, task: str, test: EvalSubsetConfig | None, references: dict,  # type: ignore[type-arg]
+              base_row: bool) -> Row:
+    """Task `task`'s own adapter on the other tasks (its own task is the cached reference)."""
+    others = [t for t in TASKS if t != task]
+    result = session.evaluate_merge(session.task_output(task), merge_tag=f"single_{task}", tasks=others,
+                                    subset=test, layout=("single", [task]))
+    merged = {t: result.tasks[t].merged for t in others} | {task: references[task]}
+    return Row(f"{task} adapter alone", "its own LoRA" + ("" if base_row else ", each task's head"), merged,
+               references)
+
+
+def task_vector_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
+    lam = best_task_vector(session, profile)
+    return Row.of("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(profile.lambdas)} tried)",
+                  evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
+                                            "method_params": {"lambda": lam}}, "test", test))
+
+
+def bayes_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None, budget: int) -> Row:
+    weights = best_bayes_point(session, profile, budget)
+    return Row.of("bayes sweep best", "weighted_delta, lambda=[" + ", ".join(f"{w:.2f}" for w in weights)
+                  + f"] ({budget} trials on train subset)",
+                  evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
+                                            "method_params": {"lambda": weights}}, "test", test))
 
 
 def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-arg]
