@@ -7,6 +7,7 @@ Legacy keys from the seed's migration table are rewritten with a `DeprecationWar
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any, Literal
 
@@ -89,8 +90,46 @@ class SearchParamSpace(BaseModel):
         return self
 
 
+class MultiFidelityConfig(BaseModel):
+    """Successive halving over eval-subset sizes (a Bayesian sweep's `search.multi_fidelity`).
+
+    Trials run in brackets: `eta ** (len(fidelities) - 1)` candidates (Sobol, then the GP's)
+    are scored on the smallest subset, the best 1/eta of them on the next, and so on up to the
+    last fidelity, the sweep's `eval_subset` itself, which alone ranks the sweep. Subsets are
+    nested: each is a prefix of one fixed order of the largest."""
+
+    model_config = _STRICT
+
+    fidelities: list[int] = Field(
+        min_length=2,
+        description="eval subset sizes (examples per task), increasing; the last must equal "
+        "eval_subset.max_samples (the fidelity the sweep is ranked at)",
+    )
+    eta: int = Field(default=3, ge=2, description="each rung promotes its best 1/eta to the next fidelity")
+
+    @field_validator("fidelities")
+    @classmethod
+    def _increasing(cls, fidelities: list[int]) -> list[int]:
+        if any(size < 1 for size in fidelities):
+            raise ValueError(f"fidelities are subset sizes, each at least 1 (got {fidelities})")
+        if any(later <= earlier for earlier, later in itertools.pairwise(fidelities)):
+            raise ValueError(f"fidelities must increase strictly (got {fidelities})")
+        return fidelities
+
+    @property
+    def rung_sizes(self) -> list[int]:
+        """Trials per fidelity in one bracket: eta^(R-1), ..., eta, 1."""
+        rungs = len(self.fidelities)
+        return [self.eta ** (rungs - 1 - rung) for rung in range(rungs)]
+
+    @property
+    def bracket_size(self) -> int:
+        return sum(self.rung_sizes)
+
+
 class SearchConfig(BaseModel):
-    """Sweep search: a grid over `grid`, or Bayesian optimisation over `space`."""
+    """Sweep search: a grid over `grid`, or Bayesian optimisation over `space` (optionally
+    multi-fidelity: `multi_fidelity`)."""
 
     model_config = _STRICT
 
@@ -103,6 +142,11 @@ class SearchConfig(BaseModel):
     acquisition: Literal["qlognei", "logei", "ei"] = "qlognei"
     warm_start_sweeps: list[str] = Field(default_factory=list)
     warm_start_max_points: int | None = Field(default=None, ge=0)
+    multi_fidelity: MultiFidelityConfig | None = Field(
+        default=None,
+        description="successive halving over eval subset sizes (type bayes, acquisition "
+        "qlognei, an eval_subset); budget counts trials at every fidelity",
+    )
 
     @model_validator(mode="after")
     def _has_space(self) -> SearchConfig:
@@ -110,6 +154,27 @@ class SearchConfig(BaseModel):
             raise ValueError("search.type grid needs search.grid")
         if self.type == "bayes" and not self.space:
             raise ValueError("search.type bayes needs search.space")
+        return self
+
+    @model_validator(mode="after")
+    def _multi_fidelity_fits(self) -> SearchConfig:
+        fidelity = self.multi_fidelity
+        if fidelity is None:
+            return self
+        if self.type != "bayes":
+            raise ValueError("search.multi_fidelity needs search.type bayes (a grid scores every point)")
+        if self.acquisition != "qlognei":
+            raise ValueError(
+                f"search.multi_fidelity proposes each bracket's candidates as one batch, which "
+                f"needs acquisition qlognei (it conditions on pending points); "
+                f"{self.acquisition} proposes one point at a time"
+            )
+        if self.budget < fidelity.bracket_size:
+            rungs = ", ".join(f"{n} at {size}" for n, size in zip(fidelity.rung_sizes, fidelity.fidelities))
+            raise ValueError(
+                f"search.budget ({self.budget}) is smaller than one successive-halving bracket "
+                f"({fidelity.bracket_size} trials: {rungs}), so no trial would reach the top fidelity"
+            )
         return self
 
 

@@ -17,6 +17,11 @@ the L layers the merge's modules span into K contiguous blocks, resolved once th
 planned (`SweepPlan.layer_groups`); each group's value becomes the `per_layer` lambda override
 of every layer in it, so a trial's merge records the resolved per-layer overrides.
 
+Multi-fidelity sweeps (`search.multi_fidelity`) score each trial on the eval subset's size for
+its rung (`SweepPlan.subset_at`: a prefix of the subset's fixed order, so the sizes are
+nested) and record it as the trial's `fidelity`; only trials at the top fidelity, the eval
+subset itself, rank the sweep (its best, the summary's ranking, the plot).
+
 Objective: the min over tasks of the interference delta (higher is better). The summary
 `sweeps/<sweep_id>.json` keeps every task's metric for each trial, ranked, with the best point
 (and the layers of each layer group, when there are any); `sweeps/<sweep_id>.png` plots the
@@ -36,13 +41,13 @@ from typing import Any
 
 from merging_core.adapters import AdapterCache
 from merging_core.config.loader import parse_merge_config
-from merging_core.config.schema import MergeConfig, SearchConfig
+from merging_core.config.schema import EvalSubsetConfig, MergeConfig, SearchConfig
 from merging_core.engine.plan import MergePlan, plan_merge, plan_variant
 from merging_core.engine.registry import get_method
 from merging_core.engine.runner import load_merge
 from merging_core.errors import ConfigError, ParamError
 from merging_core.evaluation.evaluate import EvalSession
-from merging_core.evaluation.subsets import subset_namespace
+from merging_core.evaluation.subsets import FidelitySubsetConfig, subset_namespace
 from merging_core.evaluation.workspace import Workspace
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.runtime.io import atomic_write_json
@@ -59,7 +64,7 @@ from merging_core.search.space import (
     point_to_merge,
     resolve_layer_groups,
 )
-from merging_core.search.trials import SweepResult, Trial
+from merging_core.search.trials import SweepResult, Trial, ranked_trials
 from merging_core.search.warm_start import load_warm_start
 
 log = logging.getLogger(__name__)
@@ -93,9 +98,30 @@ class SweepPlan:
 
     @property
     def fidelity(self) -> int | None:
-        """What each trial is scored at: the eval subset's size (None: the full split)."""
+        """What the sweep is ranked at: the eval subset's size (None: the full split). Every
+        trial of a plain sweep is scored at it; in a multi-fidelity sweep it is the top one."""
         subset = self.config.eval_subset
         return subset.max_samples if subset is not None and subset.enabled else None
+
+    @property
+    def fidelities(self) -> list[int | None]:
+        """Every fidelity a trial may be scored at, smallest first."""
+        multi = self.search.multi_fidelity
+        return list(multi.fidelities) if multi is not None else [self.fidelity]
+
+    @property
+    def top_fidelity(self) -> int | None:
+        """The fidelity that ranks a multi-fidelity sweep (None: not one; every trial ranks)."""
+        return self.fidelity if self.search.multi_fidelity is not None else None
+
+    def subset_at(self, fidelity: int | None) -> EvalSubsetConfig | None:
+        """The eval subset of a trial scored at `fidelity`: the sweep's own at the top (same
+        rows, caches and results directory as a plain sweep), else the first `fidelity` rows
+        of its fixed order."""
+        subset = self.config.eval_subset
+        if fidelity is None or subset is None or fidelity == self.fidelity:
+            return subset
+        return FidelitySubsetConfig(**subset.model_dump(), fidelity=fidelity)
 
     def trial_plan(self, point: dict[str, Any]) -> MergePlan:
         """The merge at `point`: a variant of the base plan (no adapter is loaded again)."""
@@ -138,6 +164,8 @@ def _sweep_id(config: MergeConfig, context: dict[str, Any]) -> str:
     for space in search["space"].values():  # left out unset: earlier sweeps keep their ids (and resume)
         if space["per_layer_groups"] is None:
             del space["per_layer_groups"]
+    if search["multi_fidelity"] is None:
+        del search["multi_fidelity"]
     defining = {
         "context": context,
         "search": search,
@@ -158,6 +186,32 @@ def _checked_points(search: SearchConfig, dimensions: Sequence[Dimension]) -> li
     return grid_points(search)
 
 
+def _check_multi_fidelity(config: MergeConfig) -> None:
+    """The eval subset a multi-fidelity search needs: its seed, shuffle and stratification
+    define the nested subsets, and its size is the top fidelity."""
+    assert config.search is not None and config.search.multi_fidelity is not None
+    fidelities = config.search.multi_fidelity.fidelities
+    subset = config.eval_subset
+    if subset is None or not subset.enabled or subset.max_samples is None:
+        raise ConfigError(
+            "search.multi_fidelity needs an eval_subset with max_samples: its seed, shuffle and "
+            f"stratified define the nested subsets, and max_samples is the top fidelity "
+            f"(here eval_subset: {{max_samples: {fidelities[-1]}}})"
+        )
+    if subset.max_samples != fidelities[-1]:
+        raise ConfigError(
+            f"search.multi_fidelity.fidelities ends at {fidelities[-1]}, but eval_subset.max_samples "
+            f"is {subset.max_samples}; the top fidelity is the eval subset itself, so they must be equal"
+        )
+    overridden = sorted(task for task, override in subset.per_task.items()
+                        if override.max_samples is not None)
+    if overridden:
+        raise ConfigError(
+            f"search.multi_fidelity: eval_subset.per_task sets max_samples for "
+            f"{', '.join(overridden)}; the fidelities are subset sizes shared by every task"
+        )
+
+
 def plan_sweep(
     config: MergeConfig | dict[str, Any],
     workspace: Workspace,
@@ -174,6 +228,8 @@ def plan_sweep(
             f"optimizer: a sweep searches the coefficients itself; use optimizer none, not "
             f"{config.optimizer.name!r} (or run the optimizer as a merge)"
         )
+    if config.search.multi_fidelity is not None:
+        _check_multi_fidelity(config)
     tasks = list(config.eval_tasks or [a for a in config.adapters if a in workspace.tasks])
     if not tasks:
         raise ConfigError("a sweep needs eval_tasks, or adapters that are workspace tasks")
@@ -237,16 +293,17 @@ class Sweep:
         return trial
 
     def _evaluate(self, proposal: Proposal, cancel: CancelToken | None) -> Trial:
-        if proposal.reuse is not None:
-            return self._record(Trial.from_dict({**proposal.reuse, "index": proposal.index,
-                                                 "source": "warm_start"}))
+        if proposal.reuse is not None:  # warm start matched the context: the sweep's subset
+            return self._record(Trial.from_dict({"fidelity": self.plan.fidelity, **proposal.reuse,
+                                                 "index": proposal.index, "source": "warm_start"}))
         started = time.perf_counter()
+        fidelity = proposal.fidelity if proposal.fidelity is not None else self.plan.fidelity
         output = load_merge(self.plan.trial_plan(proposal.point), session=self.session)
         eval_id = f"{self.sweep_id}/trial_{proposal.index:04d}"
         config = self.plan.config
         result = self.session.evaluate_merge(
             output, merge_tag=output.merge_tag, tasks=self.plan.tasks, split=config.split,
-            subset=config.eval_subset, entry_id=eval_id,
+            subset=self.plan.subset_at(fidelity), entry_id=eval_id,
             record={"sweep_id": self.sweep_id, "trial": proposal.index}, cancel=cancel, write=False,
         )
         self.session.writer.write(result)
@@ -255,7 +312,8 @@ class Sweep:
             objective=result.objective, metrics=result.metrics, interference_delta=result.deltas,
             method_params=output.params, lambda_policy=result.lambda_policy,
             merge_tag=output.merge_tag, eval_id=eval_id,
-            duration_s=round(time.perf_counter() - started, 4), fidelity=self.plan.fidelity,
+            duration_s=round(time.perf_counter() - started, 4), fidelity=fidelity,
+            promoted_from=proposal.promoted_from,
         ))
 
     def run(
@@ -270,7 +328,8 @@ class Sweep:
         warm, skipped = ([], [])
         if search.warm_start_sweeps:
             warm, skipped = load_warm_start(search, self.plan.context, self.plan.dimensions,
-                                            self.summary_path, layer_groups=self.plan.layer_groups)
+                                            self.summary_path, layer_groups=self.plan.layer_groups,
+                                            fidelities=self.plan.fidelities)
         proposer = make_proposer(search, self.plan.dimensions, warm)
         trials: list[Trial] = []
         resumed = 0
@@ -291,7 +350,10 @@ class Sweep:
             if on_trial is not None:
                 on_trial(trial)
             message = f"trial {trial.index} objective {trial.objective:.4f}"
-            if best is None or trial.objective > best.objective:  # a new best: always reported
+            ranks = self.plan.top_fidelity is None or trial.fidelity == self.plan.top_fidelity
+            if self.plan.top_fidelity is not None:
+                message += f" (fidelity {trial.fidelity})"
+            if ranks and (best is None or trial.objective > best.objective):  # a new best: always reported
                 best = trial
                 report(progress, len(trials), self.total, message,
                        best={"index": best.index, "objective": best.objective, "point": best.point})
@@ -303,6 +365,7 @@ class Sweep:
         result = SweepResult(
             sweep_id=self.sweep_id, summary_path=self.summary_path, plot_path=None, trials=trials,
             warm_start={"used": self._warm_used(trials, warm), "skipped": skipped}, resumed_trials=resumed,
+            top_fidelity=self.plan.top_fidelity,
         )
         self._write_summary(trials, warm, skipped, complete=True)
         result.plot_path = self._plot(trials)
@@ -316,21 +379,36 @@ class Sweep:
 
     def _write_summary(self, trials: list[Trial], warm: list[dict[str, Any]],
                        skipped: list[dict[str, str]], *, complete: bool) -> None:
-        ranked = sorted(trials, key=lambda t: (-t.objective, t.index))
+        ranked = ranked_trials(trials, self.plan.top_fidelity)
         search = self.plan.search
         layer_groups = ({"layer_groups": [list(group) for group in self.plan.layer_groups]}
                         if self.plan.layer_groups else {})
+        multi_fidelity = {}
+        if search.multi_fidelity is not None:
+            # The ranked (top-fidelity) trials first, then each lower fidelity's, ranked.
+            screened = sorted((t for t in trials if t.fidelity != self.plan.top_fidelity),
+                              key=lambda t: (-(t.fidelity or 0), -t.objective, t.index))
+            multi_fidelity = {"multi_fidelity": {
+                "fidelities": search.multi_fidelity.fidelities, "eta": search.multi_fidelity.eta,
+                "ranked_at": self.plan.top_fidelity,
+                "trials_per_fidelity": {str(f): sum(t.fidelity == f for t in trials)
+                                        for f in search.multi_fidelity.fidelities},
+            }}
+            listed = ranked + screened
+        else:
+            listed = ranked
         atomic_write_json(self.summary_path, {
             "sweep_id": self.sweep_id,
             "context": self.plan.context,
             "search": search.model_dump(mode="json"),
             "dimensions": [d.name for d in self.plan.dimensions] or list(search.grid),
             **layer_groups,
+            **multi_fidelity,
             "objective": "min over tasks of interference_delta (higher is better)",
             "complete": complete,
             "num_trials": len(trials),
             "best": ranked[0].to_dict() if ranked else None,
-            "trials": [t.to_dict() for t in ranked],
+            "trials": [t.to_dict() for t in listed],
             "warm_start": {"used": self._warm_used(trials, warm), "skipped": skipped},
             "plot": self.plot_path.name,
         })
@@ -338,8 +416,9 @@ class Sweep:
     def _plot(self, trials: list[Trial]) -> Path | None:
         from merging_core.search.plot import plot_sweep
 
+        ranked = ranked_trials(trials, self.plan.top_fidelity)  # lower fidelities only screen
         try:
-            plot_sweep(trials, self.plan.tasks, self.plot_path, labels=self.plan.labels())
+            plot_sweep(ranked, self.plan.tasks, self.plot_path, labels=self.plan.labels())
         except ValueError as exc:  # e.g. non-numeric grid values: nothing to draw
             log.warning("no sweep plot: %s", exc)
             return None

@@ -5,6 +5,11 @@ eval_tasks, constraint_nonnegative, eval subset) equals this sweep's and the poi
 search space; every other point is reported with the reason it was skipped. Layer-group
 coordinates (`lambda@group2`, `lambda@group2[1]`) are names like any other; a summary that
 searched layer groups is used only when its groups span the same layers as this sweep's.
+
+A trial is used only at a fidelity this sweep scores at: the eval subset's size, or one of a
+multi-fidelity sweep's rungs (the context's eval subset fixes what each size's rows are). A
+multi-fidelity sweep's lower-fidelity trials never warm-start a plain sweep. A trial that
+names no fidelity was scored on its summary's eval subset.
 """
 
 from __future__ import annotations
@@ -30,11 +35,11 @@ def _summary_files(source: str) -> list[Path]:
 
 def load_warm_start(
     search: SearchConfig, context: dict[str, Any], dimensions: Sequence[Dimension], own_summary: Path,
-    *, layer_groups: LayerGroups = (),
+    *, layer_groups: LayerGroups = (), fidelities: Sequence[int | None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Points from earlier sweeps that match this one; the rest are reported with a reason.
     A summary file named by several sources is read once; this sweep's own summary is skipped
-    (its trials are resumed instead)."""
+    (its trials are resumed instead). `fidelities`: those this sweep scores at (None: any)."""
     used: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     names = sorted(d.name for d in dimensions) if dimensions else sorted(search.grid)
@@ -66,7 +71,11 @@ def load_warm_start(
                 continue
             for trial in summary.get("trials", []):
                 point = trial.get("point", {})
-                if sorted(point) != names:
+                if fidelities is not None and "fidelity" in trial and trial["fidelity"] not in fidelities:
+                    skipped.append({"source": f"{path}#trial{trial.get('index')}",
+                                    "reason": f"scored at fidelity {trial['fidelity']}; this sweep "
+                                              f"scores at {', '.join(map(str, fidelities))}"})
+                elif sorted(point) != names:
                     skipped.append({"source": f"{path}#trial{trial.get('index')}",
                                     "reason": f"searched {sorted(point)}, not {names}"})
                 elif not all(_is_number(point[d.name]) for d in dimensions):
