@@ -33,6 +33,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    "workspace": args.workspace,
                                    "artifacts_dir": args.artifacts_dir}.items() if v is not None}
     settings = Settings(**overrides)
+    settings.workspace_file()  # a missing workspace is a one-line error here, not a failed start-up
     # This process plans requests (small tensor checks on adapters) in many threads; the model
     # and its compute live in the worker process, which sets its own torch threads.
     import torch
@@ -48,6 +49,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from app.db import upgrade_database
 
     settings = Settings()
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)  # the default database lives there
     upgrade_database(settings.resolved_database_url)
     if args.action == "upgrade":
         print(f"database at head: {settings.resolved_database_url}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -29,7 +30,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from app.settings import PROJECT_ROOT
+# The alembic configuration and `migrations/` ship inside this package (package data in the
+# wheel): an installed `lora-merge` migrates from any directory, with no source tree.
+ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
 
 
 def utcnow() -> datetime:
@@ -198,9 +201,14 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
     return sessionmaker(bind, expire_on_commit=False)
 
 
+def alembic_config(url: str | None = None) -> Config:
+    """The package's alembic configuration; `url` (else the settings' database) is migrated."""
+    config = Config(str(ALEMBIC_INI))
+    if url is not None:
+        config.attributes["url"] = url
+    return config
+
+
 def upgrade_database(url: str) -> None:
     """`alembic upgrade head` on the given database."""
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    config.attributes["url"] = url
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(url), "head")

@@ -31,7 +31,7 @@ class Service:
         self.engine = make_engine(settings.resolved_database_url)
         self.db: sessionmaker = make_session_factory(self.engine)
         self.db_read: sessionmaker = make_session_factory(self.engine, read_only=True)
-        self.workspace: Workspace = load_workspace(settings.workspace)
+        self.workspace: Workspace = load_workspace(settings.workspace_file())
         # Validation plans requests against adapters loaded here; the model lives in the worker.
         self.adapter_cache = AdapterCache()
         self.executor = ProcessExecutor(settings, self.db)

@@ -8,8 +8,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEMO_WORKSPACE = PROJECT_ROOT / "workspaces" / "demo" / "workspace.yaml"
+from merging_core.errors import ConfigError
+
+WORKSPACE_ENV = "LORA_MERGE_WORKSPACE"
+# The demo workspace ships inside the package (package data of `app`; in a checkout
+# `app/demo_workspace` links to `workspaces/demo`), so the default is found the same way from a
+# checkout, an installed wheel or an image, whatever the working directory.
+DEMO_WORKSPACE = (Path(__file__).resolve().parent / "demo_workspace" / "workspace.yaml").resolve()
 
 
 class Settings(BaseSettings):
@@ -45,6 +50,15 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.artifacts_dir / 'merge_service.db').resolve()}"
+
+    def workspace_file(self) -> Path:
+        """The workspace file, checked to exist; the error says how to choose one."""
+        if not self.workspace.is_file():
+            what = ("the demo workspace that ships in the package" if self.workspace == DEMO_WORKSPACE
+                    else "workspace file")
+            raise ConfigError(f"{what} not found: {self.workspace}; set {WORKSPACE_ENV} (or pass "
+                              "--workspace) to a workspace file")
+        return self.workspace
 
     def adapter_roots(self) -> list[Path]:
         roots = [self.workspace.resolve().parent, self.artifacts_dir.resolve()]

@@ -97,7 +97,7 @@ def worker_main(settings: Settings, inbox: Any, outbox: Any) -> None:
             crud.mirror_index_entry(session, index_path=index_path, entry=entry)
 
     try:
-        workspace = load_workspace(settings.workspace)
+        workspace = load_workspace(settings.workspace_file())
         evaluator = EvalSession.from_workspace(
             workspace, settings.artifacts_dir.resolve(), device=settings.device, dtype=settings.dtype,
             index_listener=mirror,

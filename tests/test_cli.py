@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from app import cli as app_cli
-from app.settings import DEMO_WORKSPACE, PROJECT_ROOT
+from app.settings import DEMO_WORKSPACE
 from merging_core import cli as core_cli
 from merging_core.cli import ProgressBar, config_from_args
 from merging_core.errors import MergeError
@@ -238,7 +238,7 @@ def test_app_cli_adds_serve_db_and_server_to_the_job_commands() -> None:
 
 
 def test_app_cli_uses_only_public_names_of_merging_core_cli() -> None:
-    source = (PROJECT_ROOT / "app" / "cli.py").read_text()
+    source = Path(app_cli.__file__).read_text()
     assert "core_cli._" not in source
     assert "job_parsers" not in source and "parser.commands" not in source
     imported = [alias.name for node in ast.walk(ast.parse(source))

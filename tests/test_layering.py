@@ -35,6 +35,7 @@ LAYERS: dict[str, Layers] = {
         ("settings",),
         ("errors",),
         ("db",),
+        ("migrations",),  # alembic's env.py and revisions, shipped in the package
         ("crud",),
         ("worker",),
         ("worker_process",),

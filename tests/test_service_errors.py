@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from app.settings import PROJECT_ROOT, Settings
+from app.settings import Settings
 from tests.service_helpers import thread_server, wait_job
 
 MERGE = {"adapters": ["topic", "mood"], "method": "ties"}
@@ -158,9 +158,11 @@ def test_auth(tiny_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
 def test_models_and_migrations_do_not_drift(tmp_path) -> None:
     env = {**os.environ, "LORA_MERGE_ARTIFACTS_DIR": str(tmp_path),
            "LORA_MERGE_DATABASE_URL": f"sqlite:///{tmp_path / 'check.db'}"}
-    alembic = [sys.executable, "-m", "alembic", "-c", str(PROJECT_ROOT / "alembic.ini")]
-    subprocess.run([*alembic, "upgrade", "head"], check=True, env=env, cwd=PROJECT_ROOT)
-    check = subprocess.run([*alembic, "check"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    from app.db import ALEMBIC_INI
+
+    alembic = [sys.executable, "-m", "alembic", "-c", str(ALEMBIC_INI)]
+    subprocess.run([*alembic, "upgrade", "head"], check=True, env=env, cwd=tmp_path)
+    check = subprocess.run([*alembic, "check"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

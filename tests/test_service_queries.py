@@ -16,7 +16,7 @@ import yaml
 from starlette.testclient import TestClient
 
 from app.main import create_app
-from app.settings import PROJECT_ROOT, Settings
+from app.settings import Settings
 from merging_core.runtime.index import read_index
 from tests.service_helpers import thread_server, wait_job
 
@@ -411,8 +411,9 @@ def _schema(db: Path) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def test_db_upgrade_creates_the_tables_and_is_idempotent(tmp_path: Path) -> None:
-    from alembic.config import Config
     from alembic.script import ScriptDirectory
+
+    from app.db import alembic_config
 
     db = tmp_path / "fresh" / "service.db"
     db.parent.mkdir()
@@ -421,9 +422,7 @@ def test_db_upgrade_creates_the_tables_and_is_idempotent(tmp_path: Path) -> None
     entry = Path(sys.executable).parent / "lora-merge"
     commands = [[sys.executable, "-m", "app.cli", "db", "upgrade"]]
     commands.append([str(entry), "db", "upgrade"] if entry.is_file() else commands[0])
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     schemas = []
     for command in commands:
