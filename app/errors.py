@@ -13,6 +13,11 @@ class ServiceError(Exception):
     status = 500
     title = "Internal error"
 
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        # Seconds after which the same request may succeed (sent as `Retry-After`).
+        self.retry_after = retry_after
+
 
 class NotFound(ServiceError):
     status, title = 404, "Not found"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI
@@ -12,10 +13,12 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import require_token
-from app.api.errors import Problem, install_error_handlers, problem
+from app.api.errors import install_error_handlers, problem
+from app.api.openapi import complete_openapi
 from app.api.routes import catalog, health, jobs, submissions, sweeps
 from app.service import Service
 from app.settings import Settings, get_settings
+from merging_core.evaluation.workspace import load_workspace
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         service = Service(settings)
         app.state.service = service
+        app.openapi()  # the document reads the registry and the workspace now, at start-up
         service.start()
         try:
             yield
@@ -106,16 +110,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (submissions.router, jobs.router, sweeps.router, catalog.router):
         app.include_router(router, dependencies=secured)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    # Make the Problem schema a named component every documented error can point at.
-    original_openapi = app.openapi
+    fastapi_openapi = app.openapi
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = original_openapi()
-            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = (
-                Problem.model_json_schema(ref_template="#/components/schemas/{model}")
-            )
-            app.openapi_schema = schema
+            service = getattr(app.state, "service", None)
+            workspace = service.workspace if service is not None else load_workspace(settings.workspace_file())
+            app.openapi_schema = complete_openapi(fastapi_openapi(), tasks=list(workspace.tasks))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

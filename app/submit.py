@@ -26,6 +26,15 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
+def _resolved(path: Path, field: str, given: str) -> Path:
+    """`path` with `~` expanded and links followed; a path that cannot name a file is a 422
+    (an unknown `~user`, a NUL byte), never a crash."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise InvalidRequest(f"{field}: {given!r} is not a usable path ({exc})") from None
+
+
 def check_paths(service: Service, config: MergeConfig) -> None:
     roots = service.settings.adapter_roots()
     tasks = service.workspace.tasks
@@ -39,7 +48,7 @@ def check_paths(service: Service, config: MergeConfig) -> None:
                 f"adapters: {adapter!r} is not a task of workspace {service.workspace.name!r} "
                 f"(tasks: {', '.join(sorted(tasks))}); give an adapter directory as a path"
             )
-        resolved = Path(adapter).expanduser().resolve()
+        resolved = _resolved(Path(adapter), "adapters", adapter)
         if not _inside(resolved, roots):
             raise Forbidden(
                 f"adapter path {adapter!r} resolves to {resolved}, outside the allowed roots "
@@ -49,7 +58,7 @@ def check_paths(service: Service, config: MergeConfig) -> None:
         raise InvalidRequest("output_dir: the service writes to its own artifacts directory; omit it")
     for source in config.search.warm_start_sweeps if config.search else []:
         prefix = source.split("*")[0].split("?")[0].split("[")[0]
-        resolved = (service.artifacts_dir / prefix if not Path(prefix).is_absolute() else Path(prefix)).resolve()
+        resolved = _resolved(service.artifacts_dir / prefix, "search.warm_start_sweeps", source)
         if not _inside(resolved, roots):
             raise Forbidden(f"warm_start_sweeps entry {source!r} is outside the allowed roots")
 
@@ -71,6 +80,7 @@ def _replayed(db: Session, idempotency_key: str | None, digest: str) -> Job | No
 def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key: str | None) -> tuple[Job, bool]:
     """Return (job, created). A repeated Idempotency-Key returns its job, or 422 if the body differs."""
     body = request_body(config)
+    idempotency_key = idempotency_key or None  # an empty key is no key (never stored as one)
     digest = hashlib.sha256(json.dumps([kind.value, body], sort_keys=True).encode()).hexdigest()
     with service.db_read() as db:
         existing = _replayed(db, idempotency_key, digest)

@@ -33,3 +33,19 @@ def test_readme_results_tables_are_the_benchmarks_output() -> None:
         assert tables, name
         for table in tables:
             assert table.strip("\n") in README, f"README's copy of bench/results/{name} is stale"
+
+
+def test_route_table_is_the_openapi_document(tiny_workspace: Path, tmp_path: Path) -> None:
+    """The README's route table lists exactly the operations /openapi.json documents."""
+    import re
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    section = README[README.index("## The service"):]
+    table = section[section.index("| route |"):].split("\n\n")[0]
+    listed = {(method, path) for row in table.splitlines()[2:]
+              for method, path in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`]*)`", row.split("|")[1])}
+    document = create_app(Settings(workspace=tiny_workspace, artifacts_dir=tmp_path)).openapi()
+    served = {(method.upper(), path) for path, item in document["paths"].items() for method in item}
+    assert listed == served, f"README lacks {sorted(served - listed)}; README has {sorted(listed - served)}"

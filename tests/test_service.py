@@ -51,6 +51,7 @@ def test_merge_evaluation_and_sweep_end_to_end(settings: Settings) -> None:
         artifacts = settings.artifacts_dir
         merge_result = jobs["merge"]["result"]
         run_dir = Path(merge_result["run_dir"])
+        assert jobs["merge"]["run_id"] == run_dir.name  # what the OpenAPI links to GET /runs follow
         assert run_dir.parent == artifacts / "merged" / "ties" / "mood_topic" / "runs"
         for name in ("merge_metadata.json", "summary.json", "adapter_model.safetensors",
                      "adapter_config.json", "eval_results_test.json"):
@@ -68,7 +69,12 @@ def test_merge_evaluation_and_sweep_end_to_end(settings: Settings) -> None:
         assert [t["index"] for t in trials["trials"]] == [0, 1, 2]
         # each trial says what it was scored at (the 12-example subset) and who ran it
         assert {(t["fidelity"], t["worker"]) for t in trials["trials"]} == {(12, None)}
-        assert client.get(f"/sweeps/{jobs['sweep']['id']}/plot.png").content[:4] == b"\x89PNG"
+        plot = client.get(f"/sweeps/{jobs['sweep']['id']}/plot.png")
+        assert plot.content[:4] == b"\x89PNG" and plot.headers["sweep-plot"] == "complete"
+        octets = client.get(f"/sweeps/{jobs['sweep']['id']}/plot.png",
+                            headers={"Accept": "application/octet-stream"})
+        assert octets.headers["content-type"] == "application/octet-stream"
+        assert octets.content == plot.content
 
         on_disk = {}
         for index in artifacts.glob("merged/*/*/eval/index.json"):
@@ -99,6 +105,10 @@ def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Set
         wait_job(client, job_id, until={"running"})
         while client.get(f"/jobs/{job_id}").json()["progress"]["done"] < 1:
             time.sleep(0.05)
+        # The running sweep's plot is drawn from its trials so far, and says so.
+        plot = client.get(f"/sweeps/{job_id}/plot.png")
+        assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
+        assert plot.headers["sweep-plot"] == "partial" and int(plot.headers["sweep-trials"]) >= 1
         cancelled = client.post(f"/jobs/{job_id}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
         done_at_cancel = cancelled.json()["progress"]["done"]
@@ -111,6 +121,7 @@ def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Set
             body = "".join(events.iter_text())
         assert "event: status" in body and "cancelled" in body and "event: end" in body
         assert client.post(f"/jobs/{job_id}/cancel").status_code == 409
+        assert client.get(f"/sweeps/{job_id}/plot.png").headers["sweep-plot"] == "partial"
         # A queued job (behind a running sweep) is cancelled at once and never runs.
         blocker = client.post("/sweeps", json={**slow, "search": {
             "type": "grid", "grid": {"lambda": [i / 40 for i in range(40)]}}}).json()["id"]
@@ -118,6 +129,13 @@ def test_cancel_a_running_sweep_restores_weights_and_events_stream(settings: Set
         queued = client.post("/merges", json=MERGE).json()["id"]
         answer = client.post(f"/jobs/{queued}/cancel").json()
         assert answer["status"] == "cancelled" and answer["timestamps"]["started_at"] is None
+        # A sweep with no trial yet: 409 with Retry-After; one that ended without any: 404.
+        waiting = client.post("/sweeps", json=SWEEP).json()["id"]
+        early = client.get(f"/sweeps/{waiting}/plot.png")
+        assert early.status_code == 409 and int(early.headers["retry-after"]) >= 1
+        assert early.headers["content-type"].startswith("application/problem+json")
+        client.post(f"/jobs/{waiting}/cancel")
+        assert client.get(f"/sweeps/{waiting}/plot.png").status_code == 404
         client.post(f"/jobs/{blocker}/cancel")
         assert wait_job(client, blocker)["status"] == "cancelled"
         assert client.get(f"/jobs/{queued}").json()["timestamps"]["started_at"] is None
@@ -127,7 +145,9 @@ def test_idempotency_key(settings: Settings) -> None:
     with thread_server(settings) as (client, _):
         first = client.post("/merges", json=MERGE, headers={"Idempotency-Key": "abc"})
         again = client.post("/merges", json=MERGE, headers={"Idempotency-Key": "abc"})
-        assert first.status_code == 202 and again.status_code == 200
+        # A replay answers like the first call, marked as a replay.
+        assert first.status_code == again.status_code == 202
+        assert "idempotent-replayed" not in first.headers and again.headers["idempotent-replayed"] == "true"
         assert first.json()["id"] == again.json()["id"]
         other = client.post("/merges", json={**MERGE, "method": "uniform"}, headers={"Idempotency-Key": "abc"})
         assert other.status_code == 422 and "different request" in other.json()["detail"]
@@ -138,7 +158,8 @@ def test_idempotency_key(settings: Settings) -> None:
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda _: client.post("/merges", json=body,
                                                           headers={"Idempotency-Key": "race"}), range(6)))
-        assert sorted(a.status_code for a in answers) == [200] * 5 + [202], [a.text for a in answers]
+        assert [a.status_code for a in answers] == [202] * 6, [a.text for a in answers]
+        assert sum("idempotent-replayed" in a.headers for a in answers) == 5
         assert len({a.json()["id"] for a in answers}) == 1
         wait_job(client, answers[0].json()["id"])
 

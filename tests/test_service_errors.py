@@ -177,3 +177,37 @@ def test_every_documented_error_is_problem_json(tiny_workspace, tmp_path) -> Non
     odd = {key: types for key, types in documented.items()
            if types != {"application/problem+json"} and key != ("get", "/readyz", "503")}  # health JSON
     assert not odd, odd
+
+
+def test_every_405_names_what_the_path_allows(served) -> None:  # type: ignore[no-untyped-def]
+    """RFC 9110: a 405 carries Allow, listing every method of the path (GET /evaluations and
+    POST /evaluations live on different routers)."""
+    client, app, _ = served
+    for path, item in app.openapi()["paths"].items():
+        url = path.replace("{job_id}", "0").replace("{run_id}", "run_20990101_000000")
+        documented = {method.upper() for method in item}
+        for method in ("TRACE", "PUT", "OPTIONS"):
+            answer = client.request(method, url)
+            _problem(answer, 405)
+            allowed = {m.strip() for m in answer.headers["allow"].split(",")}
+            assert allowed - {"HEAD"} == documented, (method, path, allowed)
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, fragment",
+    [
+        # Shapes the service once answered with a 500.
+        ({**MERGE, "params": "x"}, {}, 422, "params must be a mapping"),
+        ({**MERGE, "method_params": "x", "params": {"k": 2}}, {}, 422, "method_params must be a mapping"),
+        ({**MERGE, "grid": [1]}, {}, 422, "grid must be a mapping"),
+        ({**MERGE, "adapters": ["~no_such_user_xyz/a"]}, {}, 422, "not a usable path"),
+        ({**MERGE, "adapters": ["./a\u0000b"]}, {}, 422, "not a usable path"),
+        (MERGE, {"Idempotency-Key": ""}, 422, "Idempotency-Key"),
+        ({**MERGE, "adapters": [""]}, {}, 422, "adapters"),
+        ({**MERGE, "optimizer": 0}, {}, 422, "optimizer"),
+    ],
+)
+def test_odd_bodies_are_4xx_never_500(served, body, headers, status, fragment) -> None:  # type: ignore[no-untyped-def]
+    client, _, artifacts = served
+    with nothing_written(client, artifacts):
+        _problem(client.post("/merges", json=body, headers=headers), status, fragment)

@@ -8,6 +8,7 @@ own status; request validation errors list each bad field.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,6 +82,17 @@ def _validation_detail(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str
     return detail, items
 
 
+def _allowed_methods(request: Request, fallback: str | None) -> str | None:
+    """The methods the OpenAPI document gives this path (one path may be served by routes of
+    several routers, as GET and POST /evaluations are, where Starlette's own 405 names only the
+    first route's); `fallback` for paths it leaves out (the docs)."""
+    for template, item in request.app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            return ", ".join(sorted(method.upper() for method in item))
+    return fallback
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,8 +101,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return problem(exc.status, exc.title, str(exc), request, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return problem(exc.status, exc.title, str(exc), request, headers=headers or None)
 
     @app.exception_handler(Cancelled)
     async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
@@ -105,7 +119,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # an unparseable body (e.g. not UTF-8): a validation error
             return problem(422, "Invalid request", f"the body is not valid JSON: {exc.detail}", request)
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return problem(exc.status_code, title, str(exc.detail), request)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # RFC 9110: a 405 lists what the resource allows
+            allowed = _allowed_methods(request, headers.pop("Allow", None))
+            if allowed:
+                headers["Allow"] = allowed
+        return problem(exc.status_code, title, str(exc.detail), request, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -62,6 +62,8 @@ class JobRead(BaseModel):
     progress: Progress
     timestamps: Timestamps
     run_dir: str | None = None
+    run_id: str | None = Field(default=None, description="the run bundle a finished merge wrote "
+                               "(GET /runs/{run_id}); null for other jobs and before the end")
     sweep_id: str | None = None
     cancel_requested: bool = False
     attempts: int = 0
@@ -77,7 +79,8 @@ class JobRead(BaseModel):
                               message=job.progress_message, best=job.progress_best),
             timestamps=Timestamps(created_at=job.created_at, started_at=job.started_at,
                                   finished_at=job.finished_at, updated_at=job.updated_at),
-            run_dir=job.run_dir, sweep_id=job.sweep_id, cancel_requested=job.cancel_requested,
+            run_dir=job.run_dir, run_id=(job.result or {}).get("run_id"), sweep_id=job.sweep_id,
+            cancel_requested=job.cancel_requested,
             attempts=job.attempts, request=job.request, result=job.result,
             error=JobError(**job.error) if job.error else None,
         )

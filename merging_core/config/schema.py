@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -205,7 +205,7 @@ class MergeSpec(BaseModel):
 
     model_config = _STRICT
 
-    adapters: list[str] = Field(min_length=1)
+    adapters: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
     method: str
     merge_mode: Literal["common", "strict"] = "common"
     method_params: dict[str, Any] = Field(default_factory=dict)
@@ -224,20 +224,24 @@ class MergeSpec(BaseModel):
             raise ValueError(f"adapters are listed more than once: {', '.join(duplicates)}")
         return adapters
 
-    @model_validator(mode="before")
+    # Shorthands, each declared as an input type so the JSON schema (and the API's OpenAPI
+    # document) admits exactly what is accepted: plugin names as plain strings
+    # (`transforms: [identity]`, `optimizer: none`, an empty `optimizer:`), `lambda_policy: per_layer`.
+    @field_validator("transforms", mode="before", json_schema_input_type=list[PluginConfig | str])
     @classmethod
-    def _coerce_plugins(cls, data: Any) -> Any:
-        """Accept plugin names as plain strings (`transforms: [identity]`, `optimizer: none`)."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        if isinstance(data.get("transforms"), list):
-            data["transforms"] = [_plugin(t) for t in data["transforms"]]
-        if "optimizer" in data:
-            data["optimizer"] = _plugin(data["optimizer"] or "none")
-        if isinstance(data.get("lambda_policy"), str):
-            data["lambda_policy"] = {"type": data["lambda_policy"]}
-        return data
+    def _transform_names(cls, transforms: Any) -> Any:
+        return [_plugin(t) for t in transforms] if isinstance(transforms, list) else transforms
+
+    @field_validator("optimizer", mode="before", json_schema_input_type=PluginConfig | str | None)
+    @classmethod
+    def _optimizer_name(cls, optimizer: Any) -> Any:
+        return _plugin("none" if optimizer is None or optimizer == "" else optimizer)
+
+    @field_validator("lambda_policy", mode="before",
+                     json_schema_input_type=LambdaPolicyConfig | Literal["scalar", "per_layer"])
+    @classmethod
+    def _policy_type(cls, policy: Any) -> Any:
+        return {"type": policy} if isinstance(policy, str) else policy
 
 
 _LEGACY_KEYS = {
@@ -245,6 +249,16 @@ _LEGACY_KEYS = {
     "lambda": "method_params.lambda",
     "params": "method_params",
 }
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        # A ValueError inside a validator is a validation error (422), not a crash.
+        raise ValueError(f"{key} must be a mapping (got {type(value).__name__})")
+    return value
 
 
 def migrate_legacy(raw: dict[str, Any]) -> dict[str, Any]:
@@ -256,22 +270,37 @@ def migrate_legacy(raw: dict[str, Any]) -> dict[str, Any]:
                 f"config key {old!r} is deprecated; use {new}", DeprecationWarning, stacklevel=4
             )
     if "params" in data:
-        legacy = data.pop("params") or {}
-        data["method_params"] = {**legacy, **(data.get("method_params") or {})}
+        legacy = _mapping(data, "params")
+        data.pop("params")
+        data["method_params"] = {**legacy, **_mapping(data, "method_params")}
     if "lambda" in data:
         value = data.pop("lambda")
-        data["method_params"] = {"lambda": value, **(data.get("method_params") or {})}
+        data["method_params"] = {"lambda": value, **_mapping(data, "method_params")}
     if "grid" in data:
-        grid = data.pop("grid")
-        search = dict(data.get("search") or {})
+        grid = _mapping(data, "grid")
+        data.pop("grid")
+        search = dict(_mapping(data, "search"))
         search.setdefault("type", "grid")
-        search["grid"] = {**grid, **(search.get("grid") or {})}
+        search["grid"] = {**grid, **_mapping(search, "grid")}
         data["search"] = search
     return data
 
 
+def _legacy_properties(schema: dict[str, Any]) -> None:
+    """The legacy keys are accepted (and rewritten), so the schema lists them, deprecated."""
+    numbers = {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}
+    schema["properties"].update({
+        "lambda": {**numbers, "deprecated": True, "description": "legacy: use method_params.lambda"},
+        "params": {"type": "object", "deprecated": True, "description": "legacy: use method_params"},
+        "grid": {"type": "object", "additionalProperties": {"type": "array", "items": {}}, "deprecated": True,
+                 "description": "legacy: use search.grid (with search.type: grid)"},
+    })
+
+
 class MergeConfig(MergeSpec):
     """The unified merge + sweep config (the seed's schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_legacy_properties)
 
     search: SearchConfig | None = None
     constraint_nonnegative: bool = Field(

@@ -1,15 +1,13 @@
-"""Sweep plots (matplotlib, headless Agg backend)."""
+"""Sweep plots (matplotlib's object API: no pyplot state, so threads may render at once)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from merging_core.runtime.io import atomic_write
@@ -44,10 +42,17 @@ def _best_point_text(best: Any, label: Callable[[str], str]) -> str:
 
 def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path,
                labels: Mapping[str, str] | None = None) -> None:
-    """One dim: each task's delta and the objective along it; two dims: the objective (and each
-    task's delta) over the plane; more: the objective by trial, with the best point listed.
-    `labels` names the axes (e.g. `lambda@group1 (layers 8-15)`); a coordinate's name
-    otherwise."""
+    """Write `sweep_plot_png` of the trials to `path` (atomically)."""
+    png = sweep_plot_png(trials, tasks, labels)
+    atomic_write(path, lambda temp: temp.write_bytes(png))
+
+
+def sweep_plot_png(trials: Sequence[Any], tasks: Sequence[str],
+                   labels: Mapping[str, str] | None = None, title: str | None = None) -> bytes:
+    """The sweep plot as PNG bytes. One dim: each task's delta and the objective along it; two
+    dims: the objective (and each task's delta) over the plane; more: the objective by trial,
+    with the best point listed. `labels` names the axes (e.g. `lambda@group1 (layers 8-15)`);
+    a coordinate's name otherwise."""
     if not trials:
         raise ValueError("no trials")
 
@@ -57,7 +62,8 @@ def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path,
     dims = _numeric_dims(trials)
     n_dims = len(trials[0].point)
     if n_dims == 1 and dims:
-        figure, axis = plt.subplots(figsize=(7, 4.5))
+        figure = Figure(figsize=(7, 4.5))
+        axis = figure.subplots()
         ordered = sorted(trials, key=lambda t: t.point[dims[0]])
         xs = [t.point[dims[0]] for t in ordered]
         for task in tasks:
@@ -70,7 +76,8 @@ def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path,
         axis.legend()
     elif n_dims == 2 and len(dims) == 2:
         panels = ["objective", *tasks]
-        figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+        figure = Figure(figsize=(4.2 * len(panels), 4))
+        axes = figure.subplots(1, len(panels), squeeze=False)
         for axis, panel in zip(axes[0], panels):
             values = [t.objective if panel == "objective" else t.interference_delta[panel] for t in trials]
             scatter = axis.scatter([t.point[dims[0]] for t in trials], [t.point[dims[1]] for t in trials],
@@ -80,7 +87,8 @@ def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path,
             axis.set_ylabel(label(dims[1]))
             axis.set_title("min over tasks" if panel == "objective" else f"{panel} delta")
     else:
-        figure, axis = plt.subplots(figsize=(10, 4.5))  # room for the best point on the right
+        figure = Figure(figsize=(10, 4.5))  # room for the best point on the right
+        axis = figure.subplots()
         ordered = sorted(trials, key=lambda t: t.index)
         objectives = [t.objective for t in ordered]
         running = [max(objectives[: i + 1]) for i in range(len(objectives))]
@@ -93,7 +101,8 @@ def plot_sweep(trials: Sequence[Any], tasks: Sequence[str], path: Path,
         best = max(ordered, key=lambda t: t.objective)
         axis.text(1.02, 1.0, _best_point_text(best, label), transform=axis.transAxes,
                   va="top", ha="left", fontsize=8, family="monospace")
-    figure.suptitle("sweep: max-min interference")
+    figure.suptitle(title or "sweep: max-min interference")
     figure.tight_layout()
-    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
-    plt.close(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

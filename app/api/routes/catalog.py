@@ -9,12 +9,13 @@ import zipfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from app import crud
 from app.api.deps import ReadDbDep, ServiceDep
 from app.api.errors import problem_responses
+from app.api.openapi import binary_content, binary_media_type
 from app.api.schemas import EvaluationPage, EvaluationRead, MethodRead, RunRead, TaskRead
 from app.errors import Conflict, NotFound
 from merging_core.adapters.loading import CONFIG_FILE, WEIGHTS_FILE
@@ -30,6 +31,7 @@ from merging_core.runtime.paths import (
 )
 
 router = APIRouter(tags=["catalogue"])
+ZIP = "application/zip"
 
 
 @router.get("/methods", response_model=list[MethodRead], operation_id="list_methods",
@@ -65,7 +67,9 @@ def evaluations(
     split: str | None = None,
     tag: str | None = None,
     subset: Annotated[str | None, Query(description="subset namespace; empty = full split")] = None,
-    sort: Literal["created_at", "objective", "metric", "interference"] = "created_at",
+    sort: Annotated[Literal["created_at", "objective", "metric", "interference"], Query(
+        description="`metric` and `interference` sort by one task's value and need `task` "
+        "(422 without it)")] = "created_at",
     order: Literal["asc", "desc"] = "desc",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
@@ -105,9 +109,14 @@ def get_run(run_id: str, service: ServiceDep) -> RunRead:
 
 @router.get("/runs/{run_id}/adapter.zip", operation_id="download_run_adapter",
             summary="The run's saved PEFT adapter (config, weights, heads) as a zip",
-            responses={200: {"content": {"application/zip": {}}, "description": "zip"},
+            response_class=Response,
+            responses={200: {"content": binary_content(ZIP),
+                             "description": "zip",
+                             "headers": {"Content-Disposition": {
+                                 "description": 'attachment; filename="<run_id>.zip"',
+                                 "schema": {"type": "string"}}}},
                        **problem_responses(401, 403, 404, 409, 422)})
-def download_adapter(run_id: str, service: ServiceDep) -> Response:
+def download_adapter(run_id: str, service: ServiceDep, request: Request) -> Response:
     run_dir = _run_dir(service, run_id)
     files = [run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE,
              *head_files(run_dir)]
@@ -118,5 +127,5 @@ def download_adapter(run_id: str, service: ServiceDep) -> Response:
         for path in files:
             if path.is_file():
                 archive.write(path, path.relative_to(run_dir).as_posix())
-    return Response(buffer.getvalue(), media_type="application/zip",
+    return Response(buffer.getvalue(), media_type=binary_media_type(request.headers.get("accept"), ZIP),
                     headers={"Content-Disposition": f'attachment; filename="{run_id}.zip"'})

@@ -27,7 +27,10 @@ def list_jobs(
     kind: JobKind | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    page_token: Annotated[str | None, Query(max_length=500)] = None,
+    page_token: Annotated[str | None, Query(
+        pattern=crud.PAGE_TOKEN_PATTERN, max_length=100,
+        description="a previous page's next_page_token: `<microseconds>-<job id>`, a position "
+        "in the newest-first order (jobs created before it come next)")] = None,
 ) -> JobPage:
     jobs, token = crud.list_jobs(db, kind=kind, status=status, limit=limit, page_token=page_token)
     return JobPage(jobs=[JobRead.of(j) for j in jobs], next_page_token=token)
