@@ -70,3 +70,28 @@ def test_config_errors_name_the_field(tmp_path) -> None:
         load_merge_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_merge_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("extra", [
+    {"save_rank": "64"}, {"save_merged": 1}, {"eval_subset": {"max_samples": False}},
+    {"lambda_policy": {"type": "per_layer", "overrides": {"0": "0.5"}}},
+    {"adapters": ["a", ""]}, {"optimizer": 0}, {"params": "x"}, {"grid": [0.5]},
+])
+def test_values_are_not_coerced_and_odd_shapes_are_validation_errors(extra: dict) -> None:
+    """What the JSON schema refuses, the model refuses too (a ValidationError, never a crash)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        MergeConfig.model_validate({"adapters": ["a", "b"], "method": "ties", **extra})
+
+
+def test_the_json_schema_states_the_rules_between_keys() -> None:
+    schema = MergeConfig.model_json_schema()
+    search = schema["$defs"]["SearchConfig"]["allOf"]
+    assert search[0]["then"]["required"] == ["space"] and search[0]["else"]["required"] == ["grid"]
+    assert schema["$defs"]["LambdaPolicyConfig"]["then"]["required"] == ["type"]
+    assert all(schema["properties"][key]["deprecated"] for key in ("lambda", "params", "grid"))
+    # layer indices arrive as JSON object keys, i.e. strings
+    policy = MergeConfig.model_validate({"adapters": ["a", "b"], "method": "ties", "lambda_policy": {
+        "type": "per_layer", "overrides": {"3": 0.5}}}).lambda_policy
+    assert policy.overrides == {3: 0.5}

@@ -11,9 +11,11 @@ import itertools
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# strict: no silent coercion (`false` is no integer, "5" no number), so a config means what it
+# says and the JSON schema is the whole truth about what is accepted.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 LambdaValue = float | list[float]
 
@@ -31,16 +33,25 @@ def _plugin(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+# Rules between fields, written into the JSON schema (`if`/`then`, JSON Schema 2020-12, which
+# OpenAPI 3.1 uses) so that the API's document states them as well as the validators do.
+_OVERRIDES_NEED_PER_LAYER = {
+    "if": {"properties": {"overrides": {"minProperties": 1}}, "required": ["overrides"]},
+    "then": {"properties": {"type": {"const": "per_layer"}}, "required": ["type"]},
+}
+
+
 class LambdaPolicyConfig(BaseModel):
     """How `lambda` is resolved per module: `scalar` everywhere, or `per_layer` overrides."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_OVERRIDES_NEED_PER_LAYER)
 
     type: Literal["scalar", "per_layer"] = "scalar"
     default: LambdaValue | None = Field(
         default=None, description="lambda for modules without an override (else method_params.lambda)"
     )
-    overrides: dict[int, LambdaValue] = Field(
+    # JSON object keys are strings: a layer index may come as "3"
+    overrides: dict[Annotated[int, Strict(False)], LambdaValue] = Field(
         default_factory=dict, description="layer index -> lambda (per_layer only)"
     )
 
@@ -127,11 +138,23 @@ class MultiFidelityConfig(BaseModel):
         return sum(self.rung_sizes)
 
 
+_SEARCH_RULES = {"allOf": [
+    # bayes searches `space`; grid (the default) searches `grid`
+    {"if": {"properties": {"type": {"const": "bayes"}}, "required": ["type"]},
+     "then": {"properties": {"space": {"minProperties": 1}}, "required": ["space"]},
+     "else": {"properties": {"grid": {"minProperties": 1}}, "required": ["grid"]}},
+    # successive halving is a Bayesian sweep's, proposing batches (qlognei, the default)
+    {"if": {"properties": {"multi_fidelity": {"type": "object"}}, "required": ["multi_fidelity"]},
+     "then": {"properties": {"type": {"const": "bayes"}, "acquisition": {"const": "qlognei"}},
+              "required": ["type"]}},
+]}
+
+
 class SearchConfig(BaseModel):
     """Sweep search: a grid over `grid`, or Bayesian optimisation over `space` (optionally
     multi-fidelity: `multi_fidelity`)."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_SEARCH_RULES)
 
     type: Literal["grid", "bayes"] = "grid"
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="param -> values")
@@ -300,7 +323,7 @@ def _legacy_properties(schema: dict[str, Any]) -> None:
 class MergeConfig(MergeSpec):
     """The unified merge + sweep config (the seed's schema)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_legacy_properties)
+    model_config = ConfigDict(**_STRICT, json_schema_extra=_legacy_properties)
 
     search: SearchConfig | None = None
     constraint_nonnegative: bool = Field(
