@@ -19,16 +19,17 @@ from filelock import FileLock
 from app.settings import Settings
 from tests.service_helpers import thread_server
 
-ROOT = Path(__file__).resolve().parents[1]
 GENERATOR_VERSION = "0.29.1"
-# Created once, reused by later runs (gitignored); a half-made one is made again.
-TOOL_VENV = ROOT / ".venv-tools" / f"openapi-python-client-{GENERATOR_VERSION}"
+# Created once in the user's cache, reused by later runs and other checkouts; a half-made one is
+# made again.
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+TOOL_VENV = CACHE / "lora-merge-tools" / f"openapi-python-client-{GENERATOR_VERSION}"
 PACKAGE = "lora_merge_client"
 
 
 def _tool_venv() -> Path:
     done = TOOL_VENV / ".installed"
-    TOOL_VENV.parent.mkdir(exist_ok=True)
+    TOOL_VENV.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{TOOL_VENV}.lock"):
         if not done.is_file():
             shutil.rmtree(TOOL_VENV, ignore_errors=True)
