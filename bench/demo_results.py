@@ -263,14 +263,24 @@ def main() -> None:
     # Rows read back from an earlier run count at the time they took then.
     minutes = (time.perf_counter() - started - cache.measured_now + cache.seconds) / 60
     note = (f"{profile.describe}; CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; "
-            f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py"
-            f"{'' if args.workspace == 'demo' else ' --workspace ' + args.workspace}`.")
+            f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py{command_flags(args)}`.")
     publish("\n".join(lines) + "\n\n" + note, profile.results if args.write else None)
     if args.write:
         replace_marked_block(ROOT / "README.md", f"<!-- {profile.marker}:start -->", f"<!-- {profile.marker}:end -->",
                              [*lines, "", note])
         if args.workspace == "demo":
             record_adapter_accuracies(references)
+
+
+def command_flags(args: argparse.Namespace) -> str:
+    """The flags that decide the table's rows, as typed (for the note under the table)."""
+    flags = [] if args.workspace == "demo" else ["--workspace", args.workspace]
+    if args.budget is not None:
+        flags += ["--budget", str(args.budget)]
+    flags += [flag for flag, on in (("--all", args.all), ("--regmean", args.regmean and not args.all),
+                                    ("--adamerging", args.adamerging and not args.all),
+                                    ("--layer-groups", args.layer_groups and not args.all)) if on]
+    return "".join(f" {flag}" for flag in flags)
 
 
 def alone_row(session: EvalSession, task: str, test: EvalSubsetConfig | None, references: dict,  # type: ignore[type-arg]
