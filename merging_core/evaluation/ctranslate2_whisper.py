@@ -31,17 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
-
 from merging_core.errors import ConfigError
-from merging_core.evaluation.gguf import cache_root
+from merging_core.evaluation.gguf import cache_root, convert_once
 
 if TYPE_CHECKING:
     import torch
@@ -138,22 +134,7 @@ def converted_ctranslate2_whisper(source_dir: Path) -> Path:
     stat = model_file.stat()
     target = (cache_root() / "ctranslate2-whisper"
               / f"{source_dir.parent.name}-{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}")
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", timeout=1800):
-        if (target / "config.json").is_file():  # another process converted it meanwhile
-            return target
-        log.info("converting CTranslate2 Whisper %s to a float32 transformers model in %s (once)",
-                 source_dir, target)
-        temp = Path(tempfile.mkdtemp(prefix=".tmp_ct2_", dir=target.parent))
-        try:
-            _convert(source_dir, temp)
-            temp.replace(target)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-    return target
+    return convert_once(target, lambda out: _convert(source_dir, out), f"CTranslate2 Whisper {source_dir}")
 
 
 class _Variables:

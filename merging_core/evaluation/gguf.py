@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -35,16 +36,22 @@ def converted_gguf(source_dir: Path, gguf_file: str) -> Path:
         raise ConfigError(f"base model GGUF file not found: {gguf_path}")
     stat = gguf_path.stat()
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    return convert_once(target, lambda out: _convert(source_dir, gguf_file, out), str(gguf_path))
+
+
+def convert_once(target: Path, convert: Callable[[Path], None], source: str) -> Path:
+    """`target`, made once by `convert(folder)` under a file lock: written to a temp folder and
+    renamed, so no process ever sees half a model (a finished one has its config.json)."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=1800):
         if (target / "config.json").is_file():  # another process converted it meanwhile
             return target
-        log.info("converting %s to a float32 model in %s (once)", gguf_path, target)
-        temp = Path(tempfile.mkdtemp(prefix=".tmp_gguf_", dir=target.parent))
+        log.info("converting %s to a float32 transformers model in %s (once)", source, target)
+        temp = Path(tempfile.mkdtemp(prefix=".tmp_convert_", dir=target.parent))
         try:
-            _convert(source_dir, gguf_file, temp)
+            convert(temp)
             temp.replace(target)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
