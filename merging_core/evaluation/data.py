@@ -10,15 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from merging_core.errors import ConfigError
+from merging_core.evaluation.audio import AudioColumns, ClipStore, decode_clip
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """One split of a task: inputs, and labels (classification) or references (generation)."""
+    """One split of a task: inputs, and labels (classification) or references (generation).
+
+    For audio tasks the inputs are clip content keys (`evaluation.audio`), and `clips` holds
+    their samples."""
 
     texts: list[str]
     labels: list[str] | None = None
     references: list[str] | None = None
+    clips: ClipStore | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -39,6 +44,7 @@ class TaskData:
             texts=[self.texts[i] for i in indices],
             labels=[self.labels[i] for i in indices] if self.labels is not None else None,
             references=[self.references[i] for i in indices] if self.references is not None else None,
+            clips=self.clips,
         )
 
 
@@ -90,21 +96,40 @@ def load_task_data(
     label_column: str | None = None,
     reference_column: str | None = None,
     prompt_template: str | None = None,
+    audio: AudioColumns | None = None,
 ) -> TaskData:
     """Read a split; a configured column that is missing is an error naming it. With a
-    `prompt_template`, each input is the template filled from its row's columns."""
+    `prompt_template`, each input is the template filled from its row's columns; with `audio`,
+    each input is a clip, decoded now (so a bad clip fails before any work starts)."""
     rows = read_rows(path)
     if not rows:
         raise ConfigError(f"data file {path} has no rows")
 
-    def column(name: str) -> list[str]:
+    def require(name: str) -> None:
         missing = [i for i, row in enumerate(rows) if name not in row]
         if missing:
             raise ConfigError(f"{path}: column {name!r} missing (first at row {missing[0] + 1})")
+
+    def column(name: str) -> list[str]:
+        require(name)
         return [str(row[name]) for row in rows]
 
+    clips = None
+    if audio is not None:
+        require(audio.column)  # a missing column is named before any clip is decoded
+        clips = ClipStore()
+        texts = []
+        for number, row in enumerate(rows, start=1):
+            key, samples = decode_clip(row[audio.column], row, data_path=path, number=number, spec=audio)
+            clips[key] = samples
+            texts.append(key)
+    elif prompt_template:
+        texts = render_prompts(path, rows, prompt_template)
+    else:
+        texts = column(text_column)
     return TaskData(
-        texts=render_prompts(path, rows, prompt_template) if prompt_template else column(text_column),
+        texts=texts,
+        clips=clips,
         labels=column(label_column) if label_column else None,
         references=column(reference_column) if reference_column else None,
     )

@@ -112,13 +112,19 @@ class EvalSession:
         if key not in self._data:
             config = self.workspace.task(task)
             evaluator = get_evaluator(config.evaluator)
-            self._data[key] = load_task_data(
+            audio = (self.holder.audio_columns(config.audio_column, config.sample_rate_column)
+                     if config.audio_column is not None else None)
+            data = load_task_data(
                 self.workspace.data_path(task, split),
                 text_column=config.text_column,
                 label_column=config.label_column if evaluator.needs_labels else None,
                 reference_column=None if evaluator.needs_labels else config.reference_column,
                 prompt_template=config.prompt_template,
+                audio=audio,
             )
+            if data.clips is not None:
+                self.holder.clips.update(data.clips)
+            self._data[key] = data
         return self._data[key]
 
     def labels(self, task: str) -> list[str]:

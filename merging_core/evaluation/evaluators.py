@@ -4,12 +4,17 @@
 - `causal_lm_label_scoring`: the label whose text has the highest log-likelihood after the
   input; accuracy, macro-F1, per-class counts.
 - `generation`: greedy decoding; exact match, and WER/CER (jiwer) for ASR-like tasks.
+- `speech_recognition` (audio): greedy transcription; WER, CER and exact match (jiwer) after
+  Whisper's basic text normalizer.
+- `seq2seq_label_scoring` (audio): the label whose text, then end-of-text, is most likely under
+  the decoder given the clip; accuracy, macro-F1, per-class counts.
 Inputs are batched in length order (less padding) under `torch.inference_mode()`, and the cancel
 token is checked between batches.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -174,7 +179,7 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     """
     from transformers import DynamicCache
 
-    n_prompts, n_labels = len(prompts), len(label_ids)
+    n_prompts = len(prompts)
     width = max(len(p) for p in prompts)
     prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
     prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -187,42 +192,81 @@ def label_scores(model: Any, prompts: Sequence[Sequence[int]], label_ids: Sequen
     out = model(input_ids=prompt_ids[:, -1:], attention_mask=prompt_mask, position_ids=prompt_positions[:, -1:],
                 cache=cache, use_cache=True)
     first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [prompts, vocab]
-    starts = [0]
-    for ids in label_ids:
-        starts.append(starts[-1] + len(ids))
-    packed = torch.tensor([token for ids in label_ids for token in ids], device=device)  # [T]
-    scores = first[:, packed[starts[:-1]]]  # [prompts, labels]: each label's first token
-    if starts[-1] == n_labels:  # every label is one token
-        return scores
-    total = starts[-1]
-    owner = torch.repeat_interleave(torch.arange(n_labels, device=device),
-                                    torch.tensor([len(ids) for ids in label_ids], device=device))  # [T]
-    offset = torch.arange(total, device=device) - torch.tensor(starts[:-1], device=device)[owner]
-    # Label token q sees label token k when both belong to one label and k is not after q.
-    among = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])  # [T, T]
-    sees = torch.cat([prompt_mask.bool()[:, None, :].expand(n_prompts, total, width),
-                      among[None].expand(n_prompts, total, total)], dim=2)[:, None]  # [prompts, 1, T, width+T]
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
+    packing = PackedLabels.of(label_ids, device)
+    if packing.single_tokens:
+        return packing.first_scores(first)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    inputs = {"input_ids": packed.expand(n_prompts, total), "attention_mask": mask, "cache": cache,
-              "use_cache": True, "position_ids": lengths[:, None] + offset[None, :]}
-    # A packed token predicts the next token of its own label unless it is its label's last.
-    scored = torch.ones(total, dtype=torch.bool, device=device)
-    scored[torch.tensor(starts[1:], device=device) - 1] = False
-    targets = packed[1:][scored[:-1]]  # [S]: the tokens predicted at the scored positions
+    inputs = {"input_ids": packing.packed.expand(n_prompts, packing.total),
+              "attention_mask": packing.mask(prompt_mask.bool(), next(model.parameters()).dtype), "cache": cache,
+              "use_cache": True, "position_ids": lengths[:, None] + packing.offset[None, :]}
     if _plain_output_layer(model):
         # The output layer (the whole vocabulary) only where a label token is predicted: at many
         # labels it is most of the work.
-        hidden = model.get_decoder()(**inputs).last_hidden_state[:, scored]  # [prompts, S, hidden]
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, packing.scored]  # [prompts, S, hidden]
         logits = model.get_output_embeddings()(hidden).float()
     else:
-        logits = model(**inputs).logits[:, scored].float()  # [prompts, S, vocab]
-    # log-softmax at the targets only: logit - logsumexp (no second [.., vocab] copy)
-    picked = logits.gather(2, targets.expand(n_prompts, -1)[:, :, None]).squeeze(2) - torch.logsumexp(logits, -1)
-    later = torch.zeros(n_prompts, n_labels, dtype=picked.dtype, device=device)
-    later.index_add_(1, owner[scored], picked)
-    return scores + later
+        logits = model(**inputs).logits[:, packing.scored].float()  # [prompts, S, vocab]
+    return packing.scores(first, logits)
+
+
+@dataclass(frozen=True)
+class PackedLabels:
+    """Every label's tokens packed one after another into one row (T tokens in all), for scoring
+    all labels after one shared prefix in a single pass: each label token sees the prefix and
+    the earlier tokens of its own label, never another label, and its position continues from
+    the prefix's end (`offset`)."""
+
+    packed: torch.Tensor  # [T] the labels' tokens
+    starts: list[int]  # where each label starts in `packed`, then T
+    owner: torch.Tensor  # [T] the label each token belongs to
+    offset: torch.Tensor  # [T] each token's place in its own label
+    scored: torch.Tensor  # [T] bool: the token predicts its label's next token (not its label's last)
+
+    @classmethod
+    def of(cls, label_ids: Sequence[Sequence[int]], device: torch.device) -> PackedLabels:
+        starts = [0]
+        for ids in label_ids:
+            starts.append(starts[-1] + len(ids))
+        packed = torch.tensor([token for ids in label_ids for token in ids], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(label_ids), device=device),
+                                        torch.tensor([len(ids) for ids in label_ids], device=device))
+        offset = torch.arange(starts[-1], device=device) - torch.tensor(starts[:-1], device=device)[owner]
+        scored = torch.ones(starts[-1], dtype=torch.bool, device=device)
+        scored[torch.tensor(starts[1:], device=device) - 1] = False
+        return cls(packed, starts, owner, offset, scored)
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def single_tokens(self) -> bool:
+        return self.total == len(self.starts) - 1
+
+    def first_scores(self, first: torch.Tensor) -> torch.Tensor:
+        """[rows, labels]: each label's first token, from the prefix's last log-probabilities."""
+        return first[:, self.packed[self.starts[:-1]]]
+
+    def mask(self, prefix_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The additive 4D mask [rows, 1, T, prefix + T] of the packed pass (`prefix_mask`: [rows,
+        prefix] bool, False at padding)."""
+        rows, width = prefix_mask.shape
+        among = ((self.owner[:, None] == self.owner[None, :])
+                 & (self.offset[:, None] >= self.offset[None, :]))  # [T, T]
+        sees = torch.cat([prefix_mask[:, None, :].expand(rows, self.total, width),
+                          among[None].expand(rows, self.total, self.total)], dim=2)[:, None]
+        return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+
+    def scores(self, first: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log P(label | prefix), [rows, labels], from the prefix's last log-probabilities and
+        the packed pass's logits at the scored positions ([rows, S, vocab])."""
+        rows = logits.shape[0]
+        targets = self.packed[1:][self.scored[:-1]]  # [S]: the tokens predicted at the scored positions
+        # log-softmax at the targets only: logit - logsumexp (no second [.., vocab] copy)
+        picked = logits.gather(2, targets.expand(rows, -1)[:, :, None]).squeeze(2) - torch.logsumexp(logits, -1)
+        later = torch.zeros(rows, len(self.starts) - 1, dtype=picked.dtype, device=logits.device)
+        later = later.index_add(1, self.owner[self.scored], picked)
+        return self.first_scores(first) + later
 
 
 def _plain_output_layer(model: Any) -> bool:
@@ -262,8 +306,6 @@ def _normalise(text: str) -> str:
 
 
 def generation(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
-    import jiwer
-
     references = ctx.data.references or ctx.data.labels
     if references is None:
         raise EvaluationError("evaluator 'generation' needs a reference (or label) column")
@@ -288,18 +330,148 @@ def generation(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, 
             for index, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 outputs[index] = text
             report(ctx.progress, done, len(batches), "batch")
-    hypotheses = [_normalise(o) for o in outputs]
-    golds = [_normalise(r) for r in references]
+    return error_rates([_normalise(r) for r in references], [_normalise(o) for o in outputs]), {}
+
+
+def error_rates(golds: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """Exact match, and WER and CER with jiwer (corpus-level: errors over reference words)."""
+    import jiwer
+
     exact = sum(h == g for h, g in zip(hypotheses, golds)) / len(golds)
     # jiwer refuses empty references; score an empty reference as a word-level "" vs hypothesis.
     safe_golds = [g or "<empty>" for g in golds]
     safe_hyps = [h or "<empty>" for h in hypotheses]
-    metrics = {
+    return {
         "exact_match": exact,
         "wer": float(jiwer.wer(safe_golds, safe_hyps)),
         "cer": float(jiwer.cer(safe_golds, safe_hyps)),
     }
-    return metrics, {}
+
+
+# --- speech: a Whisper-like encoder-decoder on audio clips (model_class speech_seq2seq) --------
+# The task's inputs are clip keys; the holder keeps the clips and makes their input features.
+# Whisper's encoder always sees 30 s of audio, so batches are ordered by clip duration only for
+# the decoder's sake (similar transcript lengths).
+
+
+def duration_sorted_batches(holder: Any, keys: Sequence[str], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(keys)), key=lambda i: len(holder.clips.samples(keys[i])))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def speech_normalise(text: str) -> str:
+    """transformers' Whisper `BasicTextNormalizer` (lower case, no punctuation or bracketed
+    text), whitespace collapsed. Not the English normalizer: that one needs Whisper's spelling
+    map, which the model package does not ship."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return " ".join(BasicTextNormalizer()(text).split())
+
+
+def _require_speech(holder: Any, evaluator: str) -> None:
+    if getattr(holder, "feature_extractor", None) is None:
+        raise EvaluationError(f"evaluator {evaluator!r} needs a speech model (model_class speech_seq2seq)")
+
+
+def transcribe(holder: Any, keys: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy transcripts (token ids after the decoder prefix, through end-of-text when reached)
+    of a batch of clips, with the model's generation config (Whisper's: no timestamps, its
+    suppressed tokens)."""
+    prefix = holder.decoder_prefix()
+    config = copy.deepcopy(holder.model.generation_config)
+    config.update(max_new_tokens=max_new_tokens, max_length=None, do_sample=False, num_beams=1)
+    features = holder.features(keys)
+    # Whisper's encoder takes no padding (every clip is 30 s of features), so the mask is all ones.
+    mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)
+    generated = holder.model.generate(input_features=features, attention_mask=mask, generation_config=config)
+    sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
+    out = []
+    eos = holder.tokenizer.eos_token_id
+    for row in sequences.tolist():
+        if row[: len(prefix)] == prefix:  # transformers' Whisper returns the tokens after its prompt
+            row = row[len(prefix):]
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        out.append(row)
+    return out
+
+
+def speech_recognition(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """Greedy transcription of each clip; WER and CER against the reference after
+    `speech_normalise`."""
+    _require_speech(ctx.holder, "speech_recognition")
+    references = ctx.data.references or ctx.data.labels
+    if references is None:
+        raise EvaluationError("evaluator 'speech_recognition' needs a reference column")
+    tokenizer = ctx.holder.tokenizer
+    outputs: list[str] = [""] * len(ctx.data)
+    batches = duration_sorted_batches(ctx.holder, ctx.data.texts, ctx.task.batch_size)
+    with torch.inference_mode():
+        for done, batch in enumerate(batches, start=1):
+            check(ctx.cancel)
+            ids = transcribe(ctx.holder, [ctx.data.texts[i] for i in batch], ctx.task.max_new_tokens)
+            for index, text in zip(batch, tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                outputs[index] = text
+            report(ctx.progress, done, len(batches), "batch")
+    return error_rates([speech_normalise(r) for r in references], [speech_normalise(o) for o in outputs]), {}
+
+
+def speech_label_ids(holder: Any, task: TaskConfig, labels: Sequence[str]) -> list[list[int]]:
+    """Each label as the decoder writes it: `label_prefix + label`, then end-of-text, which is
+    scored for every label (a label is a whole transcript, not the start of a longer one)."""
+    eos = holder.tokenizer.eos_token_id
+    if eos is None:
+        raise EvaluationError("seq2seq label scoring needs the tokenizer's end-of-text token")
+    return [ids + [eos] for ids in label_token_ids(holder.tokenizer, task, labels)]
+
+
+def seq2seq_label_scores(model: Any, features: torch.Tensor, prefix: Sequence[int],
+                         label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """log P(label | audio) for every (clip, label) pair, [clips, labels].
+
+    The encoder runs once per clip. The decoder runs the shared prefix once per clip with a
+    cache (which also holds the cross-attention keys and values of the clip's encoding), then
+    every label's tokens packed into one row per clip (`PackedLabels`), as `label_scores` does
+    for causal LMs. Equal to one decoder pass per (clip, label), to float precision."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    device = features.device
+    clips = features.shape[0]
+    encoded = BaseModelOutput(last_hidden_state=model.get_encoder()(input_features=features).last_hidden_state)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    start = torch.tensor([list(prefix)] * clips, device=device)
+    out = model(encoder_outputs=encoded, decoder_input_ids=start, cache=cache, use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [clips, vocab]
+    packing = PackedLabels.of(label_ids, device)
+    if packing.single_tokens:
+        return packing.first_scores(first)
+    prefix_mask = torch.ones(clips, len(prefix), dtype=torch.bool, device=device)
+    logits = model(encoder_outputs=encoded, decoder_input_ids=packing.packed.expand(clips, packing.total),
+                   decoder_attention_mask=packing.mask(prefix_mask, next(model.parameters()).dtype),
+                   decoder_position_ids=(len(prefix) + packing.offset)[None, :].expand(clips, -1),
+                   cache=cache, use_cache=True).logits
+    return packing.scores(first, logits[:, packing.scored].float())
+
+
+def seq2seq_label_scoring(ctx: EvalContext) -> tuple[dict[str, float], dict[str, dict[str, int]]]:
+    """The label whose text the decoder finds most likely for the clip, after the decoder
+    prefix (`ModelHolder.decoder_prefix`); accuracy, macro-F1, per-class counts."""
+    _require_speech(ctx.holder, "seq2seq_label_scoring")
+    gold = _require_labels(ctx)
+    label_ids = speech_label_ids(ctx.holder, ctx.task, ctx.labels)
+    prefix = ctx.holder.decoder_prefix()
+    predictions: list[str] = [""] * len(ctx.data)
+    batches = duration_sorted_batches(ctx.holder, ctx.data.texts, ctx.task.batch_size)
+    with torch.inference_mode():
+        for done, batch in enumerate(batches, start=1):
+            check(ctx.cancel)
+            features = ctx.holder.features([ctx.data.texts[i] for i in batch])
+            scores = seq2seq_label_scores(ctx.holder.model, features, prefix, label_ids)
+            for index, label_id in zip(batch, scores.argmax(dim=-1).tolist()):
+                predictions[index] = ctx.labels[label_id]
+            report(ctx.progress, done, len(batches), "batch")
+    return classification_metrics(predictions, gold, ctx.labels)
 
 
 # --- AdaMerging's objective: the entropy of the model's own predictions on unlabeled inputs ----
@@ -358,6 +530,39 @@ def generation_entropy(holder: Any, task: TaskConfig, texts: Sequence[str], labe
     return (entropy * keep).sum() / keep.sum().clamp(min=1)
 
 
+def speech_label_entropy(holder: Any, task: TaskConfig, keys: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Mean entropy of the softmax over the labels' log-likelihoods given each clip
+    (`seq2seq_label_scores`), the distribution `seq2seq_label_scoring` takes its argmax of."""
+    _require_speech(holder, "seq2seq_label_scoring")
+    scores = seq2seq_label_scores(holder.model, holder.features(keys), holder.decoder_prefix(),
+                                  speech_label_ids(holder, task, labels))
+    return mean_entropy(scores)
+
+
+def transcript_entropy(holder: Any, task: TaskConfig, keys: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Mean next-token entropy over the model's own greedy transcript of each clip: up to the
+    task's `max_new_tokens` tokens, through the first end-of-text, generated without gradients,
+    then scored in one differentiable decoder pass (as `generation_entropy` for causal LMs)."""
+    _require_speech(holder, "speech_recognition")
+    prefix = holder.decoder_prefix()
+    features = holder.features(keys)
+    with torch.no_grad():
+        transcripts = transcribe(holder, keys, task.max_new_tokens)
+    width = max(len(t) for t in transcripts)
+    if width == 0:
+        raise EvaluationError("transcript entropy: the model generated no token")
+    pad = holder.tokenizer.eos_token_id or 0
+    continuation = torch.tensor([t + [pad] * (width - len(t)) for t in transcripts], device=holder.device)
+    keep = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in transcripts], device=holder.device)
+    start = torch.tensor([prefix] * len(keys), device=holder.device)
+    # Padding comes after each transcript, so causal attention keeps it out of the scored positions.
+    logits = holder.model(input_features=features, decoder_input_ids=torch.cat([start, continuation], dim=1)).logits
+    predicting = logits[:, len(prefix) - 1 : -1].float()  # position t predicts transcript token t
+    log_probs = torch.log_softmax(predicting, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [clips, tokens]
+    return (entropy * keep).sum() / keep.sum().clamp(min=1)
+
+
 @dataclass(frozen=True)
 class Evaluator:
     name: str
@@ -408,6 +613,21 @@ EVALUATORS: dict[str, Evaluator] = {
             generation,
             needs_labels=False,
             entropy=generation_entropy,
+        ),
+        Evaluator(
+            "speech_recognition",
+            "greedy transcription of the clip; WER and CER (jiwer) after Whisper's basic normalizer",
+            {"wer": "lower", "cer": "lower", "exact_match": "higher"},
+            speech_recognition,
+            needs_labels=False,
+            entropy=transcript_entropy,
+        ),
+        Evaluator(
+            "seq2seq_label_scoring",
+            "label whose text (then end-of-text) the decoder finds most likely for the clip",
+            {"accuracy": "higher", "macro_f1": "higher"},
+            seq2seq_label_scoring,
+            entropy=speech_label_entropy,
         ),
     )
 }

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from merging_core.engine.merge import MergeOutput
+from merging_core.evaluation.audio import AudioColumns, ClipStore
 from merging_core.errors import ConfigError, EvaluationError
 from merging_core.runtime.cancel import CancelToken, check
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENCODING_CACHE_BATCHES = 512  # padded batches kept by ModelHolder.encode (a few MB)
+FEATURE_CACHE_BATCHES = 16  # feature batches kept by ModelHolder.features (Whisper: ~1 MB a clip)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +54,7 @@ def _auto_class(model_class: str):  # type: ignore[no-untyped-def]
         "sequence_classification": transformers.AutoModelForSequenceClassification,
         "causal_lm": transformers.AutoModelForCausalLM,
         "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+        "speech_seq2seq": transformers.AutoModelForSpeechSeq2Seq,
     }
     if model_class not in classes:
         raise ConfigError(f"unknown model_class {model_class!r}; use one of {', '.join(classes)}")
@@ -80,7 +83,7 @@ class ModelHolder:
         dtype: str = "float32",
         device: str = "auto",
     ) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoProcessor, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         self.model_path = Path(model_path)
@@ -91,7 +94,14 @@ class ModelHolder:
         else:
             self.dtype = _DTYPES[dtype]
         log.info("loading base model %s on %s (%s)", self.model_path, self.device, self.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # A speech model comes with its processor: the feature extractor and the tokenizer.
+        self.feature_extractor = None
+        if model_class == "speech_seq2seq":
+            processor = AutoProcessor.from_pretrained(self.model_path)
+            self.feature_extractor = processor.feature_extractor
+            self.tokenizer = processor.tokenizer
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         # The task heads come from the adapters, so transformers' report of a freshly
@@ -112,6 +122,8 @@ class ModelHolder:
         self._saved_weights: dict[str, torch.Tensor] = {}
         self.lock = threading.RLock()
         self._encodings: OrderedDict[tuple[int, str, tuple[str, ...]], dict[str, torch.Tensor]] = OrderedDict()
+        self.clips = ClipStore()  # audio inputs of speech tasks, by content key
+        self._features: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -135,6 +147,46 @@ class ModelHolder:
         if len(self._encodings) > ENCODING_CACHE_BATCHES:
             self._encodings.popitem(last=False)
         return batch
+
+    def audio_columns(self, column: str, sample_rate_column: str | None) -> AudioColumns:
+        """How a speech task's clips are read for this model (its rate, its longest clip)."""
+        if self.feature_extractor is None:
+            raise ConfigError(f"audio inputs need a speech model (model_class speech_seq2seq), not {self.model_class}")
+        extractor = self.feature_extractor
+        chunk = getattr(extractor, "chunk_length", None)
+        return AudioColumns(column, sample_rate_column, int(extractor.sampling_rate),
+                            float(chunk) if chunk else None)
+
+    def features(self, keys: Sequence[str]) -> torch.Tensor:
+        """The feature extractor's input features of a batch of clips, on the model's device and
+        dtype (Whisper: log-mel spectrograms padded to 30 s). Recent batches are kept (bounded
+        LRU), as for text."""
+        key = tuple(keys)
+        cached = self._features.get(key)
+        if cached is not None:
+            self._features.move_to_end(key)
+            return cached
+        assert self.feature_extractor is not None, "features() needs a speech model"
+        extracted = self.feature_extractor([self.clips.samples(k) for k in keys],
+                                           sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt")
+        batch = extracted["input_features"].to(self.device, self.dtype)
+        self._features[key] = batch
+        if len(self._features) > FEATURE_CACHE_BATCHES:
+            self._features.popitem(last=False)
+        return batch
+
+    def decoder_prefix(self) -> list[int]:
+        """The decoder's start for transcription: the start token, then "no timestamps" where
+        the model has one (Whisper: `<|startoftranscript|><|notimestamps|>`)."""
+        config = self.model.generation_config
+        start = config.decoder_start_token_id
+        if start is None:
+            raise EvaluationError(f"{self.model_path}: the generation config names no decoder_start_token_id")
+        prefix = [int(start)]
+        no_timestamps = getattr(config, "no_timestamps_token_id", None)
+        if no_timestamps is not None:
+            prefix.append(int(no_timestamps))
+        return prefix
 
     # --- weights ---------------------------------------------------------------------------
 
@@ -287,7 +339,9 @@ class ModelHolder:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             yield self
             return
-        yield ModelHolder(self.model_path, model_class=self.model_class, dtype="float32", device="cpu")
+        copy = ModelHolder(self.model_path, model_class=self.model_class, dtype="float32", device="cpu")
+        copy.clips = self.clips  # the same inputs
+        yield copy
 
     def weights_fingerprint(self) -> dict[str, torch.Tensor]:
         """A copy of every parameter, for tests that check bit-identical restores."""

@@ -8,6 +8,7 @@
       model_class: sequence_classification
       dtype: float32
       device: auto                     # cuda if available, else cpu
+      # ctranslate2: true              # a faster-whisper folder (model_class speech_seq2seq)
     tasks:
       intent:
         adapter: adapters/intent       # relative to this file
@@ -15,6 +16,11 @@
         evaluator: sequence_classification
         primary_metric: accuracy
         direction: higher
+      asr:                             # an audio task (model_class speech_seq2seq)
+        audio_column: audio            # clip paths relative to the data file, or samples
+        reference_column: text
+        evaluator: speech_recognition
+        primary_metric: wer
 A workspace is also a task registry: a task name works wherever an adapter is expected.
 """
 
@@ -33,7 +39,7 @@ from merging_core.errors import ConfigError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
-ModelClass = Literal["sequence_classification", "causal_lm", "seq2seq_lm"]
+ModelClass = Literal["sequence_classification", "causal_lm", "seq2seq_lm", "speech_seq2seq"]
 
 
 class BaseModelConfig(BaseModel):
@@ -45,7 +51,12 @@ class BaseModelConfig(BaseModel):
     gguf: str | None = Field(
         default=None, description="a GGUF file in that folder: converted once to a float32 "
         "transformers model, cached outside the repository ($LORA_MERGE_CACHE_DIR)")
-    model_class: ModelClass = "sequence_classification"
+    ctranslate2: bool = Field(
+        default=False, description="the folder is a Whisper model in CTranslate2 format (faster-whisper's): "
+        "converted once to a float32 transformers model, cached outside the repository ($LORA_MERGE_CACHE_DIR)")
+    model_class: ModelClass = Field(
+        default="sequence_classification",
+        description="speech_seq2seq: a Whisper-like model with its processor (audio tasks)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
 
@@ -53,6 +64,11 @@ class BaseModelConfig(BaseModel):
     def _one_source(self) -> BaseModelConfig:
         if (self.path is None) == (self.package is None):
             raise ValueError("base_model needs exactly one of `path` or `package`")
+        if self.ctranslate2 and self.gguf is not None:
+            raise ValueError("base_model: `gguf` and `ctranslate2` are two different formats; give one")
+        if self.ctranslate2 and self.model_class != "speech_seq2seq":
+            raise ValueError("base_model: a CTranslate2 model converts to Whisper, so model_class must be "
+                             "speech_seq2seq")
         return self
 
 
@@ -62,6 +78,11 @@ class TaskConfig(BaseModel):
     adapter: str
     data: dict[str, str] = Field(description="split name -> jsonl, csv or parquet file")
     text_column: str = "text"
+    audio_column: str | None = Field(
+        default=None, description="audio tasks (model_class speech_seq2seq): a column holding a clip's path, "
+        "relative to the data file, or its samples (then `sample_rate_column` gives their rate)")
+    sample_rate_column: str | None = Field(
+        default=None, description="the sample rate of an `audio_column` that holds samples")
     label_column: str = "label"
     reference_column: str = "reference"
     labels: list[str] | None = Field(
@@ -101,6 +122,14 @@ class TaskConfig(BaseModel):
             raise ValueError("prompt_template names no column; write e.g. \"Text: {text}\\nIntent:\"")
         return self
 
+    @model_validator(mode="after")
+    def _audio_columns(self) -> TaskConfig:
+        if self.sample_rate_column is not None and self.audio_column is None:
+            raise ValueError("sample_rate_column is given without an audio_column")
+        if self.audio_column is not None and self.prompt_template is not None:
+            raise ValueError("an audio task has no text prompt: drop prompt_template or audio_column")
+        return self
+
     @property
     def effective_label_prefix(self) -> str:
         if self.label_prefix is not None:
@@ -114,6 +143,17 @@ class WorkspaceFile(BaseModel):
     name: str = "workspace"
     base_model: BaseModelConfig
     tasks: dict[str, TaskConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _audio_needs_speech_model(self) -> WorkspaceFile:
+        """Audio tasks and a speech model go together: one without the other cannot run."""
+        speech = self.base_model.model_class == "speech_seq2seq"
+        for name, task in self.tasks.items():
+            if (task.audio_column is not None) != speech:
+                raise ValueError(
+                    f"task {name!r}: " + ("a speech_seq2seq base model takes audio tasks; set its audio_column"
+                                          if speech else "audio_column needs base_model.model_class speech_seq2seq"))
+        return self
 
 
 class Workspace:
@@ -178,6 +218,10 @@ class Workspace:
             from merging_core.evaluation.gguf import converted_gguf
 
             path = converted_gguf(path, base.gguf)
+        if base.ctranslate2:
+            from merging_core.evaluation.ctranslate2_whisper import converted_ctranslate2_whisper
+
+            path = converted_ctranslate2_whisper(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"base model directory {path} has no config.json")
         return path

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUPPORTED_METHODS = ("task_vector", "weighted_delta")
-SUPPORTED_EVALUATORS = ("sequence_classification", "causal_lm_label_scoring", "generation")
+SUPPORTED_EVALUATORS = ("sequence_classification", "causal_lm_label_scoring", "generation", "speech_recognition",
+                        "seq2seq_label_scoring")
 
 PARAMS = (
     ParamSpec("merge_impl", ParamKind.CHOICE, "how the merged weights are formed",
