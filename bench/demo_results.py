@@ -54,13 +54,13 @@ from common import (
 
 from merging_core import run_merge
 from merging_core.config import EvalSubsetConfig, parse_merge_config
-from merging_core.evaluation.evaluate import EvalSession, EvaluationResult
+from merging_core.evaluation.evaluate import EvalSession, EvaluationResult, interference_delta, normalized_score
 from merging_core.evaluation.evaluators import EvalMetrics
 from merging_core.evaluation.workspace import load_workspace
 from merging_core.search import run_sweep
 
 log = logging.getLogger("demo_results")
-TASKS = ["intent", "banking", "sentiment"]
+TEXT_TASKS = ("intent", "banking", "sentiment")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Profile:
     """What differs between the two demo workspaces' tables."""
 
     workspace: Path
+    tasks: tuple[str, ...]  # the adapters merged, and the tasks every row is evaluated on
     results: Path  # the report under bench/results/
     marker: str  # the README block between <!-- {marker}:start --> and <!-- {marker}:end -->
     test_subset: EvalSubsetConfig | None  # None: the full test split
@@ -78,20 +79,23 @@ class Profile:
     describe: str  # the note under the table
     adamerging: dict  # AdaMerging's params (sized so that a run takes minutes on 2 cores)
     regmean_samples: int  # RegMean's samples_per_task
+    regmean_grid: tuple[tuple[float, float], ...]  # (alpha, lambda) pairs RegMean's row chooses from on train
     groups: int  # layer groups of the bayes-with-layer-groups row
     group_budget: int  # its trials
+    optional_rows: tuple[str, ...] = ("regmean", "adamerging", "layer_groups")  # what --all adds
+    mean_column: bool = True  # a mean over the tasks' primary metrics (all accuracies)
 
 
 PROFILES = {
     "demo": Profile(
-        workspace=ROOT / "workspaces/demo/workspace.yaml", results=RESULTS_DIR / "demo_results.md",
+        workspace=ROOT / "workspaces/demo/workspace.yaml", tasks=TEXT_TASKS, results=RESULTS_DIR / "demo_results.md",
         marker="demo-results", test_subset=None,
         selection=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
         lambdas=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2), budget=20,
         base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)",
-        adamerging={"steps": 60}, regmean_samples=256, groups=3, group_budget=40),
+        adamerging={"steps": 60}, regmean_samples=256, regmean_grid=((0.9, 1.0),), groups=3, group_budget=40),
     "causal": Profile(
-        workspace=ROOT / "workspaces/causal/workspace.yaml", results=RESULTS_DIR / "causal_results.md",
+        workspace=ROOT / "workspaces/causal/workspace.yaml", tasks=TEXT_TASKS, results=RESULTS_DIR / "causal_results.md",
         marker="causal-results",
         test_subset=EvalSubsetConfig(max_samples=300, stratified=True, seed=0,
                                      per_task={"banking": {"max_samples": 154}}),
@@ -101,7 +105,22 @@ PROFILES = {
                   "rows for intent and sentiment and 154 for banking (2 per label); coefficients chosen on "
                   "stratified train subsets of 60 rows (banking 40)"),
         adamerging={"steps": 30, "batch_size": 4, "samples_per_task": 64, "lr": 0.01},
-        regmean_samples=128, groups=3, group_budget=24),
+        regmean_samples=128,
+        regmean_grid=tuple((a, lam) for a in (0.5, 0.9, 0.95) for lam in (1.0, 1.25, 1.5)),
+        groups=3, group_budget=24),
+    "speech": Profile(
+        workspace=ROOT / "workspaces/speech/workspace.yaml", tasks=("asr", "intent"),
+        results=RESULTS_DIR / "speech_results.md", marker="speech-results",
+        test_subset=EvalSubsetConfig(max_samples=56, stratified=True, seed=0),
+        selection=EvalSubsetConfig(max_samples=28, stratified=True, seed=0),
+        lambdas=(0.5, 0.7, 1.0), budget=8, base_row=True,
+        describe=("Speech workspace (Whisper tiny.en; espeak-ng voices reading SNIPS requests), a fixed "
+                  "stratified test subset of 56 clips (8 per intent) for both tasks; coefficients chosen on a "
+                  "stratified subset of 28 shipped train clips. WER: lower is better, so its delta is "
+                  "reference - merged and its normalised score reference / merged"),
+        adamerging={"steps": 20, "batch_size": 4, "samples_per_task": 28, "lr": 0.05},
+        regmean_samples=0, regmean_grid=(), groups=0, group_budget=0,
+        optional_rows=("adamerging",), mean_column=False),
 }
 
 
@@ -114,8 +133,8 @@ class Row:
 
     @classmethod
     def of(cls, name: str, detail: str, result: EvaluationResult) -> Row:
-        return cls(name, detail, {t: result.tasks[t].merged for t in TASKS},
-                   {t: result.tasks[t].reference for t in TASKS})
+        return cls(name, detail, {t: task.merged for t, task in result.tasks.items()},
+                   {t: task.reference for t, task in result.tasks.items()})
 
     def to_dict(self) -> dict:  # type: ignore[type-arg]
         return {"name": self.name, "detail": self.detail,
@@ -128,14 +147,16 @@ class Row:
                    {t: EvalMetrics.from_dict(m) for t, m in data["merged"].items()},
                    {t: EvalMetrics.from_dict(m) for t, m in data["reference"].items()})
 
-    def cells(self) -> list[str]:
-        accuracy = {t: self.merged[t].primary for t in TASKS}
-        deltas = {t: accuracy[t] - self.reference[t].primary for t in TASKS}
-        normalized = min(accuracy[t] / self.reference[t].primary for t in TASKS)
-        mean = sum(accuracy.values()) / len(TASKS)
-        return [self.name, self.detail, *(f"{accuracy[t]:.4f}" for t in TASKS),
-                *(f"{deltas[t]:+.4f}" for t in TASKS), f"{min(deltas.values()):+.4f}", f"{normalized:.3f}",
-                f"{mean:.4f}"]
+    def cells(self, mean_column: bool = True) -> list[str]:
+        tasks = list(self.reference)
+        value = {t: self.merged[t].primary for t in tasks}
+        deltas = {t: interference_delta(value[t], self.reference[t].primary, self.reference[t].direction)
+                  for t in tasks}
+        normalized = min(normalized_score(value[t], self.reference[t].primary, self.reference[t].direction) or 0.0
+                         for t in tasks)
+        cells = [self.name, self.detail, *(f"{value[t]:.4f}" for t in tasks),
+                 *(f"{deltas[t]:+.4f}" for t in tasks), f"{min(deltas.values()):+.4f}", f"{normalized:.3f}"]
+        return cells + [f"{sum(value.values()) / len(tasks):.4f}"] if mean_column else cells
 
 
 class RowCache:
@@ -168,8 +189,9 @@ class RowCache:
 
 def evaluate_config(session: EvalSession, config: dict, split: str,
                     subset: EvalSubsetConfig | None) -> EvaluationResult:
-    merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root)
-    return session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, split=split,
+    merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
+                       session=session)
+    return session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=config["adapters"], split=split,
                                   subset=subset, run_dir=merged.run_dir)
 
 
@@ -178,9 +200,9 @@ def best_task_vector(session: EvalSession, profile: Profile) -> float:
     scalar rival AdaMerging has to beat; ties go to the better min-delta)."""
     scores = {}
     for lam in profile.lambdas:
-        result = evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
+        result = evaluate_config(session, {"adapters": list(profile.tasks), "method": "task_vector",
                                            "method_params": {"lambda": lam}}, "train", profile.selection)
-        mean = sum(result.tasks[t].merged.primary for t in TASKS) / len(TASKS)
+        mean = sum(result.tasks[t].merged.primary for t in profile.tasks) / len(profile.tasks)
         scores[lam] = (mean, result.objective)
         log.info("task_vector lambda=%s train-subset mean acc %.4f, objective %.4f", lam, mean,
                      result.objective)
@@ -189,7 +211,7 @@ def best_task_vector(session: EvalSession, profile: Profile) -> float:
 
 def best_bayes_point(session: EvalSession, profile: Profile, budget: int) -> list[float]:
     config = parse_merge_config({
-        "adapters": TASKS, "method": "weighted_delta", "split": "train",
+        "adapters": list(profile.tasks), "method": "weighted_delta", "split": "train",
         "eval_subset": profile.selection.model_dump(),
         "search": {"type": "bayes", "budget": budget, "init_points": min(8, budget // 2 + 1), "seed": 0,
                    "space": {"lambda": {"min": 0.0, "max": 1.5, "per_adapter": True}}},
@@ -221,44 +243,49 @@ def main() -> None:
     rows: list[Row] = []
     # Each task's own adapter on its task is the reference (cached); the "adapter alone" rows
     # evaluate each adapter on the other tasks only.
-    references = {t: session.reference(t, "test", test) for t in TASKS}
+    tasks = list(profile.tasks)
+    references = {t: session.reference(t, "test", test) for t in tasks}
     if profile.base_row:
-        rows.append(Row("base model", "no adapter", {t: session.base_metrics(t, "test", test) for t in TASKS},
+        rows.append(Row("base model", "no adapter", {t: session.base_metrics(t, "test", test) for t in tasks},
                         references))
     cache = RowCache(artifacts, profile)
-    for task in TASKS:
+    for task in tasks:
         rows.append(cache.row({"row": f"alone_{task}"}, lambda task=task: alone_row(session, task, test, references,
-                                                                                  profile.base_row)))
+                                                                                  profile)))
     rows.append(cache.row({"row": "uniform"}, lambda: Row.of(
         "uniform", "mean of deltas",
-        evaluate_config(session, {"adapters": TASKS, "method": "uniform"}, "test", test))))
+        evaluate_config(session, {"adapters": tasks, "method": "uniform"}, "test", test))))
     rows.append(cache.row({"row": "task_vector", "lambdas": profile.lambdas,
                            "selection": profile.selection.model_dump(mode="json")},
                           lambda: task_vector_row(session, profile, test)))
     rows.append(cache.row({"row": "ties"}, lambda: Row.of(
-        "ties", "k=20, lambda=1", evaluate_config(session, {"adapters": TASKS, "method": "ties"}, "test", test))))
+        "ties", "k=20, lambda=1", evaluate_config(session, {"adapters": tasks, "method": "ties"}, "test", test))))
     rows.append(cache.row({"row": "dare_ties"}, lambda: Row.of(
         "dare_ties", "density=0.5, seed=0",
-        evaluate_config(session, {"adapters": TASKS, "method": "dare_ties"}, "test", test))))
+        evaluate_config(session, {"adapters": tasks, "method": "dare_ties"}, "test", test))))
     rows.append(cache.row({"row": "bayes", "budget": budget, "selection": profile.selection.model_dump(mode="json")},
                           lambda: bayes_row(session, profile, test, budget)))
-    if args.regmean or args.all:
-        rows.append(cache.row({"row": "regmean", "samples": profile.regmean_samples},
+    every = set(profile.optional_rows) if args.all else set()
+    if args.regmean or "regmean" in every:
+        settings = {"row": "regmean", "samples": profile.regmean_samples}
+        if len(profile.regmean_grid) > 1:  # chosen on train: the row depends on the grid and the subset
+            settings |= {"grid": profile.regmean_grid, "selection": profile.selection.model_dump(mode="json")}
+        rows.append(cache.row(settings,
                               lambda: regmean_row(session, profile, test)))
-    if args.adamerging or args.all:
+    if args.adamerging or "adamerging" in every:
         rows.append(cache.row({"row": "adamerging", "params": profile.adamerging},
                               lambda: adamerging_row(session, profile, test)))
-    if args.layer_groups or args.all:
+    if args.layer_groups or "layer_groups" in every:
         rows.append(cache.row({"row": "layer_groups", "groups": profile.groups, "budget": profile.group_budget,
                                "selection": profile.selection.model_dump(mode="json")},
                               lambda: layer_group_row(session, profile, test)))
 
-    header = ["merge", "setting", *[f"{t} acc" for t in TASKS], *[f"{t} delta" for t in TASKS],
-              "min delta", "min normalised", "mean acc"]
+    header = ["merge", "setting", *[f"{t} {_short(references[t].primary_metric)}" for t in tasks],
+              *[f"{t} delta" for t in tasks], "min delta", "min normalised", *(["mean acc"] if profile.mean_column else [])]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        *("| " + " | ".join(row.cells()) + " |" for row in rows),
+        *("| " + " | ".join(row.cells(profile.mean_column)) + " |" for row in rows),
     ]
     # Rows read back from an earlier run count at the time they took then.
     minutes = (time.perf_counter() - started - cache.measured_now + cache.seconds) / 60
@@ -284,9 +311,10 @@ def command_flags(args: argparse.Namespace) -> str:
 
 
 def alone_row(session: EvalSession, task: str, test: EvalSubsetConfig | None, references: dict,  # type: ignore[type-arg]
-              base_row: bool) -> Row:
+              profile: Profile) -> Row:
     """Task `task`'s own adapter on the other tasks (its own task is the cached reference)."""
-    others = [t for t in TASKS if t != task]
+    base_row = profile.base_row
+    others = [t for t in profile.tasks if t != task]
     result = session.evaluate_merge(session.task_output(task), merge_tag=f"single_{task}", tasks=others,
                                     subset=test, layout=("single", [task]))
     merged = {t: result.tasks[t].merged for t in others} | {task: references[task]}
@@ -297,7 +325,7 @@ def alone_row(session: EvalSession, task: str, test: EvalSubsetConfig | None, re
 def task_vector_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
     lam = best_task_vector(session, profile)
     return Row.of("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(profile.lambdas)} tried)",
-                  evaluate_config(session, {"adapters": TASKS, "method": "task_vector",
+                  evaluate_config(session, {"adapters": list(profile.tasks), "method": "task_vector",
                                             "method_params": {"lambda": lam}}, "test", test))
 
 
@@ -305,8 +333,13 @@ def bayes_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | N
     weights = best_bayes_point(session, profile, budget)
     return Row.of("bayes sweep best", "weighted_delta, lambda=[" + ", ".join(f"{w:.2f}" for w in weights)
                   + f"] ({budget} trials on train subset)",
-                  evaluate_config(session, {"adapters": TASKS, "method": "weighted_delta",
+                  evaluate_config(session, {"adapters": list(profile.tasks), "method": "weighted_delta",
                                             "method_params": {"lambda": weights}}, "test", test))
+
+
+def _short(metric: str) -> str:
+    """A column's metric name: `acc` for accuracy (as the text tables have it), else the metric."""
+    return "acc" if metric == "accuracy" else metric.upper()
 
 
 def record_adapter_accuracies(references: dict) -> None:  # type: ignore[type-arg]
@@ -323,7 +356,7 @@ def _merge_row(session: EvalSession, config: dict, test: EvalSubsetConfig | None
                detail: str) -> Row:
     merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
                        session=session)
-    result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=TASKS, subset=test,
+    result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=config["adapters"], subset=test,
                                     run_dir=merged.run_dir)
     return Row.of(name, detail, result)
 
@@ -331,7 +364,8 @@ def _merge_row(session: EvalSession, config: dict, test: EvalSubsetConfig | None
 def adamerging_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
     """AdaMerging's learned per-layer lambdas (optimizer `adamerging`; no labels used)."""
     params = profile.adamerging
-    config = {"adapters": TASKS, "method": "weighted_delta", "method_params": {"lambda": [1.0, 1.0, 1.0]},
+    config = {"adapters": list(profile.tasks), "method": "weighted_delta",
+              "method_params": {"lambda": [1.0] * len(profile.tasks)},
               "optimizer": {"name": "adamerging", "params": params}}
     setting = ", ".join(f"{k}={v}" for k, v in params.items())
     return _merge_row(session, config, test, "adamerging",
@@ -339,11 +373,31 @@ def adamerging_row(session: EvalSession, profile: Profile, test: EvalSubsetConfi
 
 
 def regmean_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
-    """RegMean (alpha 0.9) on Grams of each task's unlabeled train inputs."""
-    config = {"adapters": TASKS, "method": "regmean",
-              "method_params": {"alpha": 0.9, "samples_per_task": profile.regmean_samples}}
+    """RegMean on Grams of each task's unlabeled train inputs, at the (alpha, lambda) of the
+    profile's grid with the best min normalised accuracy on the train selection subset."""
+    alpha, lam = best_regmean_point(session, profile)
+    config = {"adapters": list(profile.tasks), "method": "regmean",
+              "method_params": {"alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples}}
+    chosen = "" if len(profile.regmean_grid) == 1 else (
+        f" (best min normalised on train subset, {len(profile.regmean_grid)} (alpha, lambda) tried)")
     return _merge_row(session, config, test, "regmean",
-                      f"alpha=0.9, Grams of {profile.regmean_samples} train inputs per task")
+                      f"alpha={alpha:g}, lambda={lam:g}, Grams of {profile.regmean_samples} train inputs per "
+                      f"task{chosen}")
+
+
+def best_regmean_point(session: EvalSession, profile: Profile) -> tuple[float, float]:
+    if len(profile.regmean_grid) == 1:
+        return profile.regmean_grid[0]
+    scores = {}
+    for alpha, lam in profile.regmean_grid:
+        result = evaluate_config(session, {"adapters": list(profile.tasks), "method": "regmean", "method_params": {
+            "alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples}}, "train", profile.selection)
+        normalised = min(result.tasks[t].normalized or 0.0 for t in profile.tasks)
+        mean = sum(result.tasks[t].merged.primary for t in profile.tasks) / len(profile.tasks)
+        scores[(alpha, lam)] = (normalised, mean)
+        log.info("regmean alpha=%s lambda=%s train-subset min normalised %.4f, mean acc %.4f", alpha, lam,
+                 normalised, mean)
+    return max(scores, key=lambda point: scores[point])
 
 
 def layer_group_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
@@ -352,7 +406,8 @@ def layer_group_row(session: EvalSession, profile: Profile, test: EvalSubsetConf
               "split": "train", "search_subset": profile.selection.model_dump(),
               "space": {"lambda": {"min": 0.0, "max": 1.5, "per_adapter": True,
                                    "per_layer_groups": profile.groups}}}
-    config = {"adapters": TASKS, "method": "weighted_delta", "optimizer": {"name": "bayes", "params": params}}
+    config = {"adapters": list(profile.tasks), "method": "weighted_delta",
+              "optimizer": {"name": "bayes", "params": params}}
     return _merge_row(session, config, test, "bayes, layer groups",
                       f"weighted_delta, {profile.groups} layer groups x 3 adapters "
                       f"({profile.group_budget} trials on train subset)")

@@ -378,12 +378,21 @@ def transcribe(holder: Any, keys: Sequence[str], max_new_tokens: int) -> list[li
     of a batch of clips, with the model's generation config (Whisper's: no timestamps, its
     suppressed tokens)."""
     prefix = holder.decoder_prefix()
+    from transformers.utils import logging as hf_logging
+
     config = copy.deepcopy(holder.model.generation_config)
-    config.update(max_new_tokens=max_new_tokens, max_length=None, do_sample=False, num_beams=1)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     features = holder.features(keys)
     # Whisper's encoder takes no padding (every clip is 30 s of features), so the mask is all ones.
     mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)
-    generated = holder.model.generate(input_features=features, attention_mask=mask, generation_config=config)
+    # Whisper's generate passes its own settings beside the config and warns about it on every
+    # call; nothing a user can act on.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        generated = holder.model.generate(input_features=features, attention_mask=mask, generation_config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
     out = []
     eos = holder.tokenizer.eos_token_id
