@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,99 @@ _UNSUPPORTED_KEY_PARTS = {
 }
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
+LayerKey = int | str
+"""A layer's key: its index (`3`) in a single-stack model, `"encoder.3"` / `"decoder.3"` in
+an encoder-decoder one."""
+
+STACKS = ("encoder", "decoder")  # in layer order: every encoder layer comes before the decoder
+STACK_KEY_PATTERN = r"^(encoder|decoder)\.(0|[1-9][0-9]*)$"
+_STACK_KEY = re.compile(STACK_KEY_PATTERN)
+_INDEX_KEY = re.compile(r"^-?[0-9]+$")  # as a JSON object key; a negative one overrides nothing
+
 
 def layer_index(module: str) -> int | None:
     """The transformer layer index in a module path (`model.layers.3.self_attn.q_proj` -> 3)."""
     match = _LAYER_INDEX.search(module)
     return int(match.group(1)) if match else None
+
+
+def _stack_and_index(module: str) -> tuple[str | None, int] | None:
+    """(stack, index) of a module path: the first numeric path component is the layer index,
+    the last `encoder`/`decoder` component before it the stack (`model.decoder.layers.3.
+    encoder_attn.v_proj` -> ("decoder", 3), `encoder.block.3.layer.0.SelfAttention.q` ->
+    ("encoder", 3), `model.layers.3.mlp` -> (None, 3)); None outside any numbered layer."""
+    parts = module.split(".")
+    for position, part in enumerate(parts):
+        if position and part.isascii() and part.isdigit():
+            stacks = [p for p in parts[:position] if p in STACKS]
+            return (stacks[-1] if stacks else None), int(part)
+    return None
+
+
+def layer_keys(modules: Iterable[str]) -> dict[str, LayerKey | None]:
+    """Each module's layer key (None outside any numbered layer).
+
+    A merge's modules are keyed by stack (`"encoder.3"`, `"decoder.3"`) only when they lie in
+    both an encoder and a decoder stack (Whisper, T5, BART); otherwise by plain index, so a
+    single-stack model keeps int keys even when its path names a stack (BERT's
+    `bert.encoder.layer.3`, OPT's `model.decoder.layers.3`).
+    """
+    parsed = {module: _stack_and_index(module) for module in modules}
+    stacked = {found[0] for found in parsed.values() if found is not None} >= set(STACKS)
+    keys: dict[str, LayerKey | None] = {}
+    for module, found in parsed.items():
+        if found is None:
+            keys[module] = None
+        elif stacked and found[0] is not None:
+            keys[module] = f"{found[0]}.{found[1]}"
+        else:
+            # a numbered module outside both stacks of an encoder-decoder model keeps its index
+            keys[module] = found[1]
+    return keys
+
+
+def parse_layer_key(key: object) -> LayerKey:
+    """A layer key as written in a config: an index (`3`, `"3"`) or a stack layer
+    (`"encoder.3"`, `"decoder.3"`); anything else is a ValueError naming it."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str):
+        if _INDEX_KEY.match(key):
+            return int(key)
+        if _STACK_KEY.match(key):
+            return key
+    raise ValueError(
+        f"layer key {key!r}: expected a layer index (3) or a stack layer (encoder.3, decoder.3)"
+    )
+
+
+def layer_sort_key(key: LayerKey) -> tuple[int, int]:
+    """Layer order: by index; in an encoder-decoder model every encoder layer first."""
+    if isinstance(key, int):
+        return 0, key
+    stack, index = key.split(".")
+    return STACKS.index(stack), int(index)
+
+
+def check_layer_keys(keys: Iterable[LayerKey], modules: Iterable[str], where: str) -> None:
+    """Refuse layer keys of the wrong kind for the merge's modules: a stack key (`decoder.1`)
+    when they are not in both an encoder and a decoder stack, a plain index when they are (it
+    would override nothing). A layer past the last one is left alone for both kinds, as a plain
+    index always was."""
+    known = set(layer_keys(modules).values())
+    stacked = any(isinstance(key, str) for key in known)
+    indexed = any(isinstance(key, int) for key in known)
+    for key in keys:
+        if isinstance(key, str) and not stacked:
+            raise ConfigError(
+                f"{where}: layer key {key!r} names a stack, but the merge's modules are not in "
+                "both an encoder and a decoder stack; name their layers by index (e.g. 3)"
+            )
+        if isinstance(key, int) and stacked and not indexed:
+            raise ConfigError(
+                f"{where}: layer key {key!r} is a plain index, but the merge's modules are in an "
+                f"encoder and a decoder stack; name the stack (encoder.{key} or decoder.{key})"
+            )
 
 
 @dataclass(frozen=True)

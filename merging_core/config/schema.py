@@ -11,7 +11,18 @@ import itertools
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from merging_core.adapters import LayerKey, parse_layer_key
+from merging_core.adapters.loading import STACK_KEY_PATTERN
 
 # strict: no silent coercion (`false` is no integer, "5" no number), so a config means what it
 # says and the JSON schema is the whole truth about what is accepted.
@@ -41,6 +52,18 @@ _OVERRIDES_NEED_PER_LAYER = {
 }
 
 
+# A layer key is an index (3, or "3" as a JSON object key) or a stack layer of an
+# encoder-decoder model ("encoder.3", "decoder.3"); see merging_core.adapters.layer_keys.
+StackKeyField = Annotated[str, StringConstraints(pattern=STACK_KEY_PATTERN)]
+
+
+def _layer_key(where: str, key: Any) -> LayerKey:
+    try:
+        return parse_layer_key(key)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
 class LambdaPolicyConfig(BaseModel):
     """How `lambda` is resolved per module: `scalar` everywhere, or `per_layer` overrides."""
 
@@ -51,9 +74,18 @@ class LambdaPolicyConfig(BaseModel):
         default=None, description="lambda for modules without an override (else method_params.lambda)"
     )
     # JSON object keys are strings: a layer index may come as "3"
-    overrides: dict[Annotated[int, Strict(False)], LambdaValue] = Field(
-        default_factory=dict, description="layer index -> lambda (per_layer only)"
+    overrides: dict[Annotated[int, Strict(False)] | StackKeyField, LambdaValue] = Field(
+        default_factory=dict,
+        description="layer key -> lambda (per_layer only): a layer index (3), or in an "
+        "encoder-decoder model a stack layer (encoder.3, decoder.3)",
     )
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _layer_keys(cls, overrides: Any) -> Any:
+        if not isinstance(overrides, dict):
+            return overrides
+        return {_layer_key("lambda_policy.overrides", key): value for key, value in overrides.items()}
 
     @model_validator(mode="after")
     def _overrides_need_per_layer(self) -> LambdaPolicyConfig:
@@ -71,8 +103,9 @@ class SearchParamSpace(BaseModel):
     min: float
     max: float
     per_adapter: bool = Field(default=False, description="one value per adapter")
-    per_layer: list[int] | None = Field(
-        default=None, description="search a per-layer lambda override for these layer indices"
+    per_layer: list[int | StackKeyField] | None = Field(
+        default=None, description="search a per-layer lambda override for these layers (indices, "
+        "or encoder.N / decoder.N in an encoder-decoder model)"
     )
     per_layer_groups: int | None = Field(
         default=None,
@@ -80,6 +113,17 @@ class SearchParamSpace(BaseModel):
         "L mod K one layer longer) and search one lambda override per block (per adapter with "
         "per_adapter: true)",
     )
+
+    @field_validator("per_layer", mode="before")
+    @classmethod
+    def _layer_keys(cls, per_layer: Any) -> Any:
+        if not isinstance(per_layer, list):
+            return per_layer
+        # a list holds layer indices as numbers (strict, as everywhere), so a string is a stack key
+        for key in per_layer:
+            if isinstance(key, str) and not isinstance(_layer_key("per_layer", key), str):
+                raise ValueError(f"per_layer: layer key {key!r}: write a layer index as a number")
+        return per_layer
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchParamSpace:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from merging_core.adapters import LoraAdapter, LoraModule, layer_index
+from merging_core.adapters import LayerKey, LoraAdapter, LoraModule, layer_keys
 from merging_core.engine.registry import MergeMethod, get_method
 from merging_core.errors import ParamError
 from merging_core.params import Params
@@ -112,6 +112,7 @@ class MergeOutput:
     optimizer_summary: dict[str, Any] = field(default_factory=dict)
     grams: GramSource | None = None  # for methods that need Grams (space "grams")
     _solved: dict[str, ModuleMerge] = field(default_factory=dict, init=False, repr=False)
+    _layer_keys: dict[str, LayerKey | None] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def single(cls, adapter: LoraAdapter) -> MergeOutput:
@@ -143,7 +144,9 @@ class MergeOutput:
     def module_params(self, module: str) -> Params:
         params = dict(self.params)
         if "lambda" in params:
-            params["lambda"] = self.policy.resolve(layer_index(module), params["lambda"])
+            if not self._layer_keys:  # keyed over all modules: a stack key needs both stacks
+                self._layer_keys = layer_keys(self.modules)
+            params["lambda"] = self.policy.resolve(self._layer_keys.get(module), params["lambda"])
         return params
 
     def plan_module(self, module: str) -> ModuleMerge:

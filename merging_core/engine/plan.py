@@ -24,6 +24,7 @@ from merging_core.adapters import (
     AdapterCache,
     LoraAdapter,
     check_compatible,
+    check_layer_keys,
     resolve_adapter_specs,
 )
 from merging_core.config.loader import parse_merge_config
@@ -104,11 +105,11 @@ def _build_policy(
         )
     owner = f"lambda_policy.overrides for method {method.name!r}"
     overrides = {}
-    for layer, value in config.overrides.items():
-        overrides[int(layer)] = spec.validate(f"{owner} (layer {layer})", value, n_adapters)
+    for layer, value in config.overrides.items():  # int or stack layer keys ("decoder.3")
+        overrides[layer] = spec.validate(f"{owner} (layer {layer})", value, n_adapters)
         if method.params_validator is not None:
             try:
-                method.params_validator({**params, "lambda": overrides[int(layer)]}, n_adapters)
+                method.params_validator({**params, "lambda": overrides[layer]}, n_adapters)
             except ValueError as exc:
                 raise ParamError(f"{owner} (layer {layer}): {exc}") from exc
     return LambdaPolicy(kind=config.type, overrides=overrides)
@@ -187,6 +188,7 @@ def plan_merge(
     modules, left_out = check_compatible(adapters, config.merge_mode)
     if left_out:
         log.info("merge_mode=common leaves out modules: %s", left_out)
+    check_layer_keys(policy.overrides, modules, "lambda_policy.overrides")
     _check_method_fits(method, transforms, adapters, modules)
     return MergePlan(
         config=config,
@@ -216,4 +218,5 @@ def plan_variant(
                if optimizer.initial_lambda else None)
     params = _method_params(config, method, initial)
     policy = _build_policy(config.lambda_policy, method, params, len(plan.adapters))
+    check_layer_keys(policy.overrides, plan.modules, "lambda_policy.overrides")
     return replace(plan, config=config, params=params, policy=policy)

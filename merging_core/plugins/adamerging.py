@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from merging_core.adapters import LoraAdapter, layer_index
+from merging_core.adapters import LayerKey, LoraAdapter, layer_keys, layer_sort_key
 from merging_core.errors import EvaluationError, ParamError
 from merging_core.params import ParamKind, ParamSpec, Params
 from merging_core.plugins.optimizer_base import (
@@ -86,11 +86,12 @@ def _validate(params: Params) -> None:
 
 
 class LayerLambdas:
-    """Index of the trainable coefficients: one row per adapter, one column per layer."""
+    """Index of the trainable coefficients: one row per adapter, one column per layer key (an
+    index, or `encoder.3` / `decoder.3` in an encoder-decoder model)."""
 
-    def __init__(self, modules: Sequence[str], layer_of: dict[str, int | None], n_adapters: int,
+    def __init__(self, modules: Sequence[str], layer_of: dict[str, LayerKey | None], n_adapters: int,
                  init: float) -> None:
-        self.layers = sorted({layer_of[m] for m in modules if layer_of[m] is not None})
+        self.layers = sorted({key for m in modules if (key := layer_of[m]) is not None}, key=layer_sort_key)
         self.column = {layer: i for i, layer in enumerate(self.layers)}
         self.modules = [m for m in modules if layer_of[m] is not None]
         self.layer_of = layer_of
@@ -170,7 +171,7 @@ class AdaMergingTrainer:
         self.adapters = list(adapters)
         self.tasks = list(tasks)
         self.params = params
-        layer_of = {m: layer_index(m) for m in modules}
+        layer_of = layer_keys(modules)
         self.lambdas = LayerLambdas(modules, layer_of, len(self.adapters), params["init_lambda"])
         device = self.holder.device
         self.deltas = FactoredDeltas(self.adapters, self.lambdas.modules, device, params["delta_residency"])

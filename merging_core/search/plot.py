@@ -51,8 +51,9 @@ def sweep_plot_png(trials: Sequence[Any], tasks: Sequence[str],
                    labels: Mapping[str, str] | None = None, title: str | None = None) -> bytes:
     """The sweep plot as PNG bytes. One dim: each task's delta and the objective along it; two
     dims: the objective (and each task's delta) over the plane; more: the objective by trial,
-    with the best point listed. `labels` names the axes (e.g. `lambda@group1 (layers 8-15)`);
-    a coordinate's name otherwise."""
+    with the best point listed. `labels` names the axes (e.g. `lambda@group1 (layers 8-15)`, or
+    `lambda@group1 (encoder 2-3, decoder 0-1)` over an encoder-decoder model's stacks); a
+    coordinate's name otherwise."""
     if not trials:
         raise ValueError("no trials")
 

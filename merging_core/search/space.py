@@ -1,12 +1,14 @@
 """The search space of a sweep: grid points, or dimensions of a Bayesian search.
 
 A point maps coordinate names to values: `lambda`, `lambda[1]` (one adapter's weight),
-`lambda@layer3` (a per-layer override), `lambda@group2` (one override for every layer of
-layer group 2) or `lambda@group2[1]` (adapter 1's weight in group 2). Layer groups split the
-L layers the merge's modules span into K contiguous blocks (`layer_groups`); they are resolved
-once the merge is planned, and a group's value becomes the `per_layer` lambda override of each
-of its layers. `point_to_merge` / `grid_point_to_merge` turn a point into the method params
-and lambda policy of one merge.
+`lambda@layer3` (a per-layer override; `lambda@encoder.3` / `lambda@decoder.3` in an
+encoder-decoder model, whose layers are keyed by stack), `lambda@group2` (one override for every
+layer of layer group 2) or `lambda@group2[1]` (adapter 1's weight in group 2). Layer groups split
+the L layers the merge's modules span (an encoder-decoder model's encoder layers, then its
+decoder layers) into K contiguous blocks (`layer_groups`); they are resolved once the merge is
+planned, and a group's value becomes the `per_layer` lambda override of each of its layers.
+`point_to_merge` / `grid_point_to_merge` turn a point into the method params and lambda policy
+of one merge.
 """
 
 from __future__ import annotations
@@ -17,49 +19,59 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from merging_core.adapters import layer_index
+from merging_core.adapters import STACKS, LayerKey, layer_keys, layer_sort_key
 from merging_core.config.schema import MergeConfig, SearchConfig
 from merging_core.errors import ConfigError
 
-LayerGroups = tuple[tuple[int, ...], ...]
-"""The layers of each layer group, group 0 first."""
+LayerGroups = tuple[tuple[LayerKey, ...], ...]
+"""The layer keys of each layer group, group 0 first."""
 
 _COORDINATE = re.compile(
-    r"^(?P<param>[A-Za-z_][A-Za-z0-9_]*)(?:@(?P<where>layer|group)(?P<where_index>\d+))?"
+    r"^(?P<param>[A-Za-z_][A-Za-z0-9_]*)"
+    r"(?:@(?:(?P<where>layer|group)(?P<where_index>\d+)|(?P<stack>encoder|decoder)\.(?P<stack_index>\d+)))?"
     r"(?:\[(?P<adapter>\d+)\])?$"
 )
 
 
 @dataclass(frozen=True)
 class Coordinate:
-    """A coordinate name taken apart: `lambda@group2[1]` -> param lambda, group 2, adapter 1."""
+    """A coordinate name taken apart: `lambda@group2[1]` -> param lambda, group 2, adapter 1;
+    `lambda@decoder.3` -> param lambda, layer "decoder.3"."""
 
     param: str
-    layer: int | None = None
+    layer: LayerKey | None = None
     group: int | None = None
     adapter: int | None = None
 
 
 def parse_coordinate(name: str) -> Coordinate:
-    """Read a coordinate name (`lambda`, `lambda[1]`, `lambda@layer3`, `lambda@group2[1]`)."""
+    """Read a coordinate name (`lambda`, `lambda[1]`, `lambda@layer3`, `lambda@decoder.3`,
+    `lambda@group2[1]`)."""
     match = _COORDINATE.match(name)
     if match is None:
         raise ConfigError(
-            f"search coordinate {name!r}: expected `param`, `param[i]`, `lambda@layerN` or "
-            "`lambda@groupG` (optionally `[i]`)"
+            f"search coordinate {name!r}: expected `param`, `param[i]`, `lambda@layerN`, "
+            "`lambda@encoder.N` / `lambda@decoder.N` (encoder-decoder models) or `lambda@groupG` "
+            "(optionally `[i]`)"
         )
     where, index, adapter = match["where"], match["where_index"], match["adapter"]
+    layer: LayerKey | None = int(index) if where == "layer" else None
+    if match["stack"] is not None:
+        layer = f"{match['stack']}.{int(match['stack_index'])}"
     return Coordinate(
         param=match["param"],
-        layer=int(index) if where == "layer" else None,
+        layer=layer,
         group=int(index) if where == "group" else None,
         adapter=int(adapter) if adapter is not None else None,
     )
 
 
-def split_layers(n_layers: int, n_groups: int) -> LayerGroups:
-    """Layers 0..n_layers-1 in `n_groups` contiguous blocks; the first `n_layers mod n_groups`
-    blocks take one layer more (30 layers, 4 groups -> 8, 8, 7, 7 layers)."""
+def split_layers(layers: int | Sequence[LayerKey], n_groups: int) -> LayerGroups:
+    """Layers (0..layers-1, or the given layer keys in order) in `n_groups` contiguous blocks;
+    the first `n_layers mod n_groups` blocks take one layer more (30 layers, 4 groups -> 8, 8,
+    7, 7 layers)."""
+    keys: list[LayerKey] = list(range(layers)) if isinstance(layers, int) else list(layers)
+    n_layers = len(keys)
     if n_groups < 1:
         raise ConfigError(f"per_layer_groups must be at least 1 (got {n_groups})")
     if n_groups > n_layers:
@@ -72,15 +84,27 @@ def split_layers(n_layers: int, n_groups: int) -> LayerGroups:
     start = 0
     for group in range(n_groups):
         stop = start + size + (1 if group < longer else 0)
-        blocks.append(tuple(range(start, stop)))
+        blocks.append(tuple(keys[start:stop]))
         start = stop
     return tuple(blocks)
 
 
+def layer_order(modules: Iterable[str]) -> list[LayerKey]:
+    """The layers the modules span, in order: 0..max index (so a layer no module targets still
+    counts); in an encoder-decoder model encoder.0..encoder.max, then decoder.0..decoder.max."""
+    keys = [key for key in layer_keys(modules).values() if key is not None]
+    indices = [key for key in keys if isinstance(key, int)]
+    order: list[LayerKey] = list(range(max(indices) + 1)) if indices else []
+    for stack in STACKS:
+        in_stack = [layer_sort_key(key)[1] for key in keys
+                    if isinstance(key, str) and key.startswith(f"{stack}.")]
+        order += [f"{stack}.{index}" for index in range(max(in_stack) + 1)] if in_stack else []
+    return order
+
+
 def layer_count(modules: Iterable[str]) -> int:
-    """L: the number of layers the modules span (max layer index + 1; 0 without any)."""
-    indices = [index for index in map(layer_index, modules) if index is not None]
-    return max(indices) + 1 if indices else 0
+    """L: the number of layers the modules span (`layer_order`; 0 without any)."""
+    return len(layer_order(modules))
 
 
 def layer_group_count(search: SearchConfig) -> int | None:
@@ -99,14 +123,16 @@ def layer_group_count(search: SearchConfig) -> int | None:
             )
         if (coordinate.layer is not None or coordinate.group is not None) and coordinate.param != "lambda":
             raise ConfigError(
-                f"search.grid.{key}: only lambda has per-layer overrides (lambda@layerN, lambda@groupG)"
+                f"search.grid.{key}: only lambda has per-layer overrides (lambda@layerN, "
+                "lambda@encoder.N / lambda@decoder.N, lambda@groupG)"
             )
     groups = sorted(c.group for c in coordinates.values() if c.group is not None)
     if not groups:
         return None
     if any(c.layer is not None for c in coordinates.values()):
         raise ConfigError(
-            "search.grid: lambda@layerN and lambda@groupG keys both set per-layer overrides; "
+            "search.grid: lambda@layerN (or lambda@encoder.N / lambda@decoder.N) and "
+            "lambda@groupG keys both set per-layer overrides; "
             "use one of them"
         )
     missing = sorted(set(range(max(groups) + 1)) - set(groups))
@@ -124,7 +150,8 @@ def resolve_layer_groups(search: SearchConfig, modules: Iterable[str]) -> LayerG
     n_groups = layer_group_count(search)
     if n_groups is None:
         return ()
-    n_layers = layer_count(modules)
+    order = layer_order(modules)
+    n_layers = len(order)
     if n_groups > n_layers:
         where = ("search.space.lambda.per_layer_groups" if search.type == "bayes"
                  else f"search.grid (lambda@group0..lambda@group{n_groups - 1})")
@@ -132,18 +159,34 @@ def resolve_layer_groups(search: SearchConfig, modules: Iterable[str]) -> LayerG
             f"{where}: {n_groups} layer groups, but the merge's modules span only {n_layers} "
             f"layer{'s' if n_layers != 1 else ''}; use at most {n_layers} groups"
         )
-    return split_layers(n_layers, n_groups)
+    return split_layers(order, n_groups)
+
+
+def _span(indices: Sequence[int]) -> str:
+    return f"{indices[0]}-{indices[-1]}" if len(indices) > 1 else str(indices[0])
 
 
 def describe_layer_groups(groups: LayerGroups) -> list[str]:
-    """Each group's layers, readable: `0-7`, `8`."""
-    return [f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups]
+    """Each group's layers, readable: `0-7`, `8`; by stack in an encoder-decoder model,
+    `encoder 2-3, decoder 0-1`."""
+    described = []
+    for group in groups:
+        if all(isinstance(key, int) for key in group):
+            described.append(_span([int(key) for key in group]))
+            continue
+        by_stack: dict[str, list[int]] = {}
+        for key in group:
+            stack, index = str(key).split(".") if isinstance(key, str) else ("layer", str(key))
+            by_stack.setdefault(stack, []).append(int(index))
+        described.append(", ".join(f"{stack} {_span(indices)}" for stack, indices in by_stack.items()))
+    return described
 
 
 def coordinate_labels(names: Iterable[str], groups: LayerGroups,
                       adapters: Sequence[str] = ()) -> dict[str, str]:
     """Axis labels: a group coordinate shows its layers (and adapter), `lambda@group1[0]` ->
-    `lambda@group1[0] (layers 8-15, topic)`; other names are their own label."""
+    `lambda@group1[0] (layers 8-15, topic)`, or its stacks' layers in an encoder-decoder model,
+    `lambda@group1 (encoder 2-3, decoder 0-1)`; other names are their own label."""
     spans = describe_layer_groups(groups)
     labels = {}
     for name in names:
@@ -155,7 +198,9 @@ def coordinate_labels(names: Iterable[str], groups: LayerGroups,
         notes = []
         if coordinate.group is not None and coordinate.group < len(spans):
             span = spans[coordinate.group]
-            notes.append(f"layers {span}" if "-" in span else f"layer {span}")
+            if all(isinstance(key, int) for key in groups[coordinate.group]):
+                span = f"layers {span}" if "-" in span else f"layer {span}"
+            notes.append(span)
         if coordinate.adapter is not None and coordinate.adapter < len(adapters):
             notes.append(adapters[coordinate.adapter])
         labels[name] = f"{name} ({', '.join(notes)})" if notes else name
@@ -172,11 +217,13 @@ class Dimension:
     low: float
     high: float
     adapter: int | None = None
-    layer: int | None = None
+    layer: LayerKey | None = None
     group: int | None = None
 
     @property
     def name(self) -> str:
+        if isinstance(self.layer, str):  # a stack layer, `lambda@decoder.3`
+            return f"{self.param}@{self.layer}"
         if self.layer is not None:
             return f"{self.param}@layer{self.layer}"
         if self.group is not None:
@@ -230,17 +277,17 @@ def grid_points(search: SearchConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(search.grid[k] for k in keys))]
 
 
-def _set_overrides(policy: dict[str, Any], overrides: Mapping[int, Any]) -> None:
+def _set_overrides(policy: dict[str, Any], overrides: Mapping[LayerKey, Any]) -> None:
     policy["type"] = "per_layer"
     policy["overrides"] = {**policy.get("overrides", {}), **overrides}
 
 
-def _group_overrides(values: Mapping[int, Any], groups: LayerGroups | None) -> dict[int, Any]:
+def _group_overrides(values: Mapping[int, Any], groups: LayerGroups | None) -> dict[LayerKey, Any]:
     """Each group's value as the override of every layer in it. `groups` None: not resolved
     yet (the merge is being planned to learn its layers), so no override."""
     if groups is None:
         return {}
-    overrides = {}
+    overrides: dict[LayerKey, Any] = {}
     for group, value in values.items():
         if group >= len(groups):
             raise ConfigError(f"lambda@group{group}: there are only {len(groups)} layer groups")
@@ -284,8 +331,8 @@ def point_to_merge(
 def grid_point_to_merge(
     point: dict[str, Any], config: MergeConfig, groups: LayerGroups | None = ()
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method_params, lambda_policy) for a grid point (`lambda@layer3` keys set overrides,
-    `lambda@group2` keys set the overrides of every layer in group 2)."""
+    """(method_params, lambda_policy) for a grid point (`lambda@layer3` and `lambda@decoder.3`
+    keys set overrides, `lambda@group2` keys set the overrides of every layer in group 2)."""
     params = dict(config.method_params)
     policy = config.lambda_policy.model_dump()
     group_values: dict[int, Any] = {}
