@@ -18,7 +18,7 @@ settings, the losses and a quick check on 14 shipped test clips (base vs adapter
 label-scoring accuracy for intent). Deterministic on a given machine, torch build and espeak-ng
 build: fixed seeds and a seeded batch order.
 
-    nice -n 10 python scripts/train_speech_adapters.py                 # both (about 25 min, 2 cores)
+    nice -n 10 python scripts/train_speech_adapters.py                 # both (about 30 min, 2 cores)
     python scripts/train_speech_adapters.py --tasks asr --steps 2 --out /tmp/adapters
 """
 
@@ -66,7 +66,7 @@ TARGETS = ["q_proj", "v_proj"]
 PREFIX_TOKENS = ["<|startoftranscript|>", "<|notimestamps|>"]
 TASK_COLUMNS = {"asr": "text", "intent": "intent"}
 # Steps and learning rate per task (batch 8, 30 s features): 15-20 s a step on 2 busy CPU
-# cores at nice 10 (asr 10 min, intent 12). Labels are new outputs, so intent needs a higher rate.
+# cores at nice 10 (asr 10 min, intent 18). Labels are new outputs, so intent needs a higher rate.
 STEPS = {"asr": 30, "intent": 70}
 LEARNING_RATES = {"asr": 1e-3, "intent": 3e-3}
 TRAIN_SEED = 2  # the training rows' order; the shipped splits use 0 (test) and 1 (train)
