@@ -106,7 +106,7 @@ PROFILES = {
                   "stratified train subsets of 60 rows (banking 40)"),
         adamerging={"steps": 30, "batch_size": 4, "samples_per_task": 64, "lr": 0.01},
         regmean_samples=128,
-        regmean_grid=tuple((a, lam) for a in (0.5, 0.9, 0.95) for lam in (1.0, 1.25, 1.5)),
+        regmean_grid=((0.5, 1.0), (0.7, 1.0), (0.9, 1.0)),
         groups=3, group_budget=24),
     "speech": Profile(
         workspace=ROOT / "workspaces/speech/workspace.yaml", tasks=("asr", "intent"),
