@@ -18,7 +18,7 @@ RATE = 16000
 INTENTS = ["music", "route", "table"]  # equal lengths: no label wins by its length alone
 
 
-def _byte_level_alphabet() -> list[str]:
+def byte_level_alphabet() -> list[str]:
     """GPT-2's printable stand-ins for the 256 bytes, in byte order (its byte-level BPE's base)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     stand_ins, extra = {}, 0
@@ -42,7 +42,7 @@ def tiny_whisper(folder: Path, seed: int = 0) -> Path:
         WhisperTokenizerFast,
     )
 
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

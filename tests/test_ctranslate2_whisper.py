@@ -27,6 +27,7 @@ from merging_core.evaluation.ctranslate2_whisper import (
     read_ctranslate2,
     whisper_state_dict,
 )
+from tests.speech_helpers import byte_level_alphabet
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
@@ -115,25 +116,13 @@ def _ct2_variables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _byte_level_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes, in byte order (its byte-level BPE's base)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    stand_ins, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            stand_ins[byte] = chr(byte)
-        else:
-            stand_ins[byte], extra = chr(256 + extra), extra + 1
-    return [stand_ins[byte] for byte in range(256)]
-
-
 @pytest.fixture(scope="module")
 def tiny_ct2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A tiny random Whisper in CTranslate2 format, and the transformers model it was made from."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     tokenizer = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(alphabet)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

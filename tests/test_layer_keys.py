@@ -27,45 +27,16 @@ from merging_core.search.space import (
     resolve_layer_groups,
     split_layers,
 )
+from tests.speech_helpers import lora_adapter, tiny_whisper
 
 WHISPER_LAYERS = ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
-
-
-def _tiny_whisper(folder: Path) -> Path:
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=64, d_model=16, num_mel_bins=8, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1)
-    WhisperForConditionalGeneration(config).save_pretrained(folder)
-    return folder
-
-
-def _whisper_lora(base: Path, out: Path, seed: int) -> Path:
-    """A real PEFT LoRA on q_proj and v_proj (encoder self-attention, decoder self- and
-    cross-attention), lora_B perturbed so that every delta is non-zero."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import WhisperForConditionalGeneration
-
-    model = get_peft_model(WhisperForConditionalGeneration.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def whisper_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("whisper_keys")
-    base = _tiny_whisper(root / "base")
-    return {name: _whisper_lora(base, root / name, seed) for seed, name in enumerate(["asr", "intent"], start=3)}
+    base = tiny_whisper(root / "base")
+    return {name: lora_adapter(base, root / name, seed) for seed, name in enumerate(["asr", "intent"], start=3)}
 
 
 # --- parsing and order ----------------------------------------------------------------------
