@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install serve test bench browser speech-data clean
+.PHONY: install serve test bench browser speech-data postgres clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ browser:
 speech-data:
 	@test -f /usr/share/pocketsphinx/test/data/librivox/transcription || { apt-get update -q && apt-get install -y -q pocketsphinx-testdata; }
 
-test: $(STAMP) browser speech-data
+# tests/test_postgres.py starts a throwaway server from Debian's postgresql (initdb, pg_ctl).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
+
+test: $(STAMP) browser speech-data postgres
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import (
     ALLOWED_TRANSITIONS,
+    IDEMPOTENCY_LOCK,
+    QUEUE_LOCK,
     TERMINAL,
     EvalEntry,
     EvalTaskResult,
@@ -20,6 +23,7 @@ from app.db import (
     JobKind,
     JobStatus,
     SweepTrial,
+    advisory_xact_lock,
     utcnow,
 )
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -39,7 +43,19 @@ def create_job(
         request_hash=request_hash, idempotency_key=idempotency_key,
     )
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        # Postgres: a concurrent first use of the same key committed between the caller's look-up
+        # and this insert (the key's unique constraint refused this one). Callers that look the
+        # key up with find_job_by_idempotency_key in the same transaction hold its lock, so
+        # never get here.
+        session.rollback()
+        existing = find_job_by_idempotency_key(session, key=idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        raise Conflict(f"Idempotency-Key {idempotency_key!r} was just used by a concurrent request "
+                       f"(job {existing.id}); repeat the request to get that job") from None
     return job
 
 
@@ -51,10 +67,17 @@ def get_job(session: Session, *, job_id: str) -> Job:
 
 
 def find_job_by_idempotency_key(session: Session, *, key: str) -> Job | None:
+    """The job an Idempotency-Key names. On Postgres the key is locked until the transaction
+    ends, so a concurrent first use of it waits for this one's insert and then finds its job
+    (on SQLite the write transaction's `BEGIN IMMEDIATE` serializes them already)."""
+    advisory_xact_lock(session, IDEMPOTENCY_LOCK, key)
     return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
 
 
 def count_queued(session: Session) -> int:
+    """Queued jobs. On Postgres the count is locked until the transaction ends, so a count and
+    the insert that follows it are one step (on SQLite `BEGIN IMMEDIATE` makes them one)."""
+    advisory_xact_lock(session, QUEUE_LOCK)
     return int(session.scalar(select(func.count()).select_from(Job).where(
         Job.status == JobStatus.QUEUED.value)) or 0)
 

@@ -1,4 +1,5 @@
-"""Database: SQLAlchemy 2 typed models and the engine (SQLite in WAL mode by default).
+"""Database: SQLAlchemy 2 typed models and the engine (SQLite in WAL mode by default; Postgres
+through `postgresql+psycopg://` URLs for a deployment with a database server).
 
 Tables: `jobs`, `sweep_trials`, and `eval_entries` + `eval_task_results`, which mirror every
 `eval/index.json` append (the files on disk stay the source of truth; `lora-merge db reindex`
@@ -7,6 +8,7 @@ rebuilds the mirror from them).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -26,9 +28,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 # The alembic configuration and `migrations/` ship inside this package (package data in the
 # wheel): an installed `lora-merge` migrates from any directory, with no source tree.
@@ -40,22 +43,28 @@ def utcnow() -> datetime:
 
 
 class UtcDateTime(TypeDecorator[datetime]):
-    """A UTC timestamp that reads back timezone-aware. SQLite keeps no offset, so values are
-    stored as naive UTC and given `timezone.utc` again on the way out (otherwise a job's times
-    would carry a `Z` when created and none once read back)."""
+    """A UTC timestamp that reads back timezone-aware and in UTC.
+
+    SQLite keeps no offset, so values are stored as naive UTC and given `timezone.utc` again on
+    the way out (otherwise a job's times would carry a `Z` when created and none once read
+    back). Postgres keeps `timestamptz`: a naive value would be read in the session's
+    `TimeZone` (hours off on a server that is not on UTC), so it gets an aware UTC value, and
+    what it returns (in the session's zone) is converted back to UTC.
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is not None:
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
-        return value
+        if value is None:
+            return None
+        aware = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return aware if dialect.name == "postgresql" else aware.replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 class JobKind(str, Enum):
@@ -163,11 +172,15 @@ SQLITE_BEGIN = "sqlite_begin"  # execution option: IMMEDIATE (default) or DEFERR
 
 
 def make_engine(url: str) -> Engine:
-    """An engine; SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` write transactions."""
+    """An engine; SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` write transactions.
+    Postgres runs at its default READ COMMITTED; the steps that must not interleave (an
+    Idempotency-Key's first use, the queue limit's count-and-insert) take advisory locks."""
     is_sqlite = url.startswith("sqlite")
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": 30} if is_sqlite else {},
+        # A database server restarts or drops idle connections; check one before handing it out.
+        pool_pre_ping=not is_sqlite,
     )
     if is_sqlite:
 
@@ -193,6 +206,26 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+# Namespaces (the first key) of the service's Postgres advisory locks.
+QUEUE_LOCK = 0x4C4D0001  # count-and-insert of a job: the queue limit
+IDEMPOTENCY_LOCK = 0x4C4D0002  # one Idempotency-Key (second key: a hash of it)
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def advisory_xact_lock(session: Session, namespace: int, name: str = "") -> None:
+    """On Postgres, wait for and take an advisory lock on (`namespace`, `name`) that holds until
+    the session's transaction ends; elsewhere nothing (SQLite writers already hold the one write
+    lock from `BEGIN IMMEDIATE`)."""
+    if not is_postgres(session):
+        return
+    digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
+    session.execute(text("SELECT pg_advisory_xact_lock(:namespace, :key)"),
+                    {"namespace": namespace, "key": int.from_bytes(digest, "big", signed=True)})
 
 
 def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from merging_core.errors import ConfigError
@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     workspace: Path = Field(default=DEMO_WORKSPACE, description="workspace YAML (default: the built-in demo)")
     artifacts_dir: Path = Field(default=Path("artifacts"), description="artifacts root")
     database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL (default sqlite:///<artifacts>/merge_service.db)"
+        default=None,
+        description="SQLAlchemy URL (default sqlite:///<artifacts>/merge_service.db); Postgres: "
+        "postgresql+psycopg://user:password@host:5432/dbname",
     )
     device: str | None = Field(default=None, description="override the workspace device")
     dtype: str | None = Field(default=None, description="override the workspace dtype")
@@ -46,6 +48,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3, ge=1, description="runs of one job before a worker death fails it instead of re-queuing")
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_driver(cls, url: str | None) -> str | None:
+        """`postgresql://` and `postgres://` (the usual spellings) use psycopg 3, the driver the
+        package depends on; SQLAlchemy's own default for them is psycopg2, which it lacks."""
+        if url is not None:
+            for scheme in ("postgresql://", "postgres://"):
+                if url.startswith(scheme):
+                    return "postgresql+psycopg://" + url[len(scheme):]
+        return url
 
     @property
     def resolved_database_url(self) -> str:
