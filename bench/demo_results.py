@@ -197,15 +197,15 @@ def evaluate_config(session: EvalSession, config: dict, split: str,
 
 def best_task_vector(session: EvalSession, profile: Profile) -> float:
     """The task_vector lambda with the best mean accuracy on the train selection subset (the
-    scalar rival AdaMerging has to beat; ties go to the better min-delta)."""
+    scalar rival AdaMerging has to beat; ties go to the better min-delta). Where the tasks'
+    metrics differ (WER and accuracy: no mean), the best max-min objective, as sweeps rank."""
     scores = {}
     for lam in profile.lambdas:
         result = evaluate_config(session, {"adapters": list(profile.tasks), "method": "task_vector",
                                            "method_params": {"lambda": lam}}, "train", profile.selection)
         mean = sum(result.tasks[t].merged.primary for t in profile.tasks) / len(profile.tasks)
-        scores[lam] = (mean, result.objective)
-        log.info("task_vector lambda=%s train-subset mean acc %.4f, objective %.4f", lam, mean,
-                     result.objective)
+        scores[lam] = (mean, result.objective) if profile.mean_column else (result.objective, mean)
+        log.info("task_vector lambda=%s train-subset mean %.4f, objective %.4f", lam, mean, result.objective)
     return max(scores, key=lambda lam: scores[lam])
 
 
@@ -324,7 +324,8 @@ def alone_row(session: EvalSession, task: str, test: EvalSubsetConfig | None, re
 
 def task_vector_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
     lam = best_task_vector(session, profile)
-    return Row.of("task_vector", f"lambda={lam:g} (best mean acc on train subset, {len(profile.lambdas)} tried)",
+    criterion = "best mean acc" if profile.mean_column else "best min delta"
+    return Row.of("task_vector", f"lambda={lam:g} ({criterion} on train subset, {len(profile.lambdas)} tried)",
                   evaluate_config(session, {"adapters": list(profile.tasks), "method": "task_vector",
                                             "method_params": {"lambda": lam}}, "test", test))
 
