@@ -27,7 +27,7 @@ def test_readme_results_tables_are_the_benchmarks_output() -> None:
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
     for name in ("demo_results.md", "merge_bench_cpu.md", "api_bench_cpu.md", "bo_bench_cpu.md",
                  "adamerging_bench_cpu.md", "sweep_bench_cpu.md", "label_scoring_bench_cpu.md",
-                 "causal_results.md"):
+                 "causal_results.md", "speech_results.md"):
         tables = [block for block in "\n".join(
             line if line.startswith("|") else "" for line in (results / name).read_text().splitlines()
         ).split("\n\n") if block.strip()]
