@@ -43,6 +43,11 @@ def plan_job(kind: JobKind, config: MergeConfig, workspace: Workspace,
              adapter_cache: AdapterCache | None = None) -> JobPlan:
     """Everything a worker would refuse, refused now, without computing anything: the plan a
     worker executes (the service validates with it; a restarted worker re-plans with it)."""
+    subset = config.eval_subset
+    for task in (subset.per_task if subset is not None else {}):
+        if task not in workspace.tasks:
+            raise InvalidRequest(f"eval_subset.per_task: {task!r} is not a task of workspace {workspace.name!r} "
+                                 f"(tasks: {', '.join(workspace.tasks)})")
     if kind is JobKind.SWEEP:
         if config.search is None:
             raise InvalidRequest("search: a sweep needs a search section (type grid or bayes)")

@@ -62,6 +62,8 @@ def nothing_written(client, artifacts: Path):  # type: ignore[no-untyped-def]
         ({"adapters": ["topic", "moood"], "method": "ties"}, ["'moood' is not a task", "topic"]),
         ({"adapters": ["topic", "mood"], "method": "ties", "surprise": 1}, ["surprise"]),
         ({"adapters": ["topic", "mood"], "method": "ties", "output_dir": "/tmp/x"}, ["output_dir"]),
+        ({"adapters": ["topic", "mood"], "method": "ties", "eval_subset": {"per_task": {"topik": {"max_samples": 2}}}},
+         ["eval_subset.per_task: 'topik' is not a task", "topic"]),
     ],
 )
 def test_invalid_requests_are_422(served, body, fragments) -> None:  # type: ignore[no-untyped-def]

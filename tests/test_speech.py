@@ -238,6 +238,20 @@ def test_audio_tasks_need_a_speech_model(workspace: Path, tmp_path: Path) -> Non
     (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="audio_column needs base_model.model_class speech_seq2seq"):
         load_workspace(tmp_path / "w.yaml")
+    spec["base_model"]["model_class"] = "speech_seq2seq"
+    spec["tasks"]["asr"]["evaluator"] = "generation"
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="evaluator 'generation' does not take audio; use one of speech_recognition"):
+        load_workspace(tmp_path / "w.yaml")
+
+
+def test_more_new_tokens_than_the_decoder_holds_is_a_clear_error(session: EvalSession) -> None:
+    from merging_core.errors import EvaluationError
+    from merging_core.evaluation.evaluators import transcribe
+
+    keys = session.unlabeled_texts("asr", "test")[:1]
+    with pytest.raises(EvaluationError, match="max_new_tokens 40 is too many: the decoder holds 32 positions"):
+        transcribe(session.holder, keys, 40)
 
 
 def test_merge_and_adamerging_through_the_service(workspace: Path, tmp_path: Path) -> None:

@@ -377,9 +377,13 @@ def transcribe(holder: Any, keys: Sequence[str], max_new_tokens: int) -> list[li
     """Greedy transcripts (token ids after the decoder prefix, through end-of-text when reached)
     of a batch of clips, with the model's generation config (Whisper's: no timestamps, its
     suppressed tokens)."""
-    prefix = holder.decoder_prefix()
     from transformers.utils import logging as hf_logging
 
+    prefix = holder.decoder_prefix()
+    limit = getattr(holder.model.config, "max_target_positions", None)
+    if limit is not None and len(prefix) + max_new_tokens > limit:
+        raise EvaluationError(f"max_new_tokens {max_new_tokens} is too many: the decoder holds {limit} positions, "
+                              f"{len(prefix)} of them the prefix, so at most {limit - len(prefix)}")
     config = copy.deepcopy(holder.model.generation_config)
     config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
     features = holder.features(keys)

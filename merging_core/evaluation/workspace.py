@@ -38,6 +38,9 @@ from merging_core.config.loader import format_validation_error
 from merging_core.errors import ConfigError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+# The evaluators that read clips (evaluation.evaluators registers them; named here because the
+# evaluators import this module).
+AUDIO_EVALUATORS = ("speech_recognition", "seq2seq_label_scoring")
 
 ModelClass = Literal["sequence_classification", "causal_lm", "seq2seq_lm", "speech_seq2seq"]
 
@@ -153,6 +156,11 @@ class WorkspaceFile(BaseModel):
                 raise ValueError(
                     f"task {name!r}: " + ("a speech_seq2seq base model takes audio tasks; set its audio_column"
                                           if speech else "audio_column needs base_model.model_class speech_seq2seq"))
+            if speech != (task.evaluator in AUDIO_EVALUATORS):
+                raise ValueError(
+                    f"task {name!r}: evaluator {task.evaluator!r} " + (
+                        f"does not take audio; use one of {', '.join(AUDIO_EVALUATORS)}" if speech
+                        else "takes audio (model_class speech_seq2seq and an audio_column)"))
         return self
 
 
