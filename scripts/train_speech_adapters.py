@@ -45,6 +45,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from merging_core.evaluation.ctranslate2_whisper import converted_ctranslate2_whisper
+from merging_core.evaluation.evaluators import error_rates, seq2seq_label_scores, speech_normalise
 from merging_core.evaluation.gguf import cache_root
 from scripts.make_speech_workspace import (
     SAMPLE_RATE,
@@ -127,35 +128,18 @@ def teacher_forcing_batch(prefix: list[int], targets: list[list[int]], pad: int)
 @torch.no_grad()
 def check(model: torch.nn.Module, processor: WhisperProcessor, task: str, clips: list[Clip],
           input_features: torch.Tensor, labels: list[str]) -> float:
-    """WER (asr: greedy decoding after the prefix) or accuracy (intent: label scoring) on `clips`."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
-
+    """WER (asr: greedy decoding after the prefix) or accuracy (intent: label scoring) on `clips`,
+    computed as the service's evaluators compute them."""
     model.eval()
     prefix = prefix_ids(processor)
     if task == "asr":
         generated = model.generate(input_features=input_features, decoder_input_ids=torch.tensor([prefix] * len(clips)),
                                    max_new_tokens=48, do_sample=False, num_beams=1)
         hypotheses = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        normalize = BasicTextNormalizer()
-        references = [normalize(clip.text).strip() for clip in clips]
-        hypotheses = [normalize(text).strip() for text in hypotheses]
-        return float(jiwer.wer(references, hypotheses))
-    pad = processor.tokenizer.eos_token_id
-    targets = [target_ids(processor, label) for label in labels]
-    decoder_inputs, label_ids = teacher_forcing_batch(prefix, targets, pad)
-    encoder = model.get_base_model().get_encoder()
-    correct = 0
-    for index, clip in enumerate(clips):
-        # The encoder once per clip, its states shared by the clip's label sequences.
-        hidden = encoder(input_features[index:index + 1]).last_hidden_state.expand(len(labels), -1, -1)
-        logits = model(encoder_outputs=(hidden,), decoder_input_ids=decoder_inputs).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        mask = label_ids != -100
-        picked = log_probs.gather(-1, label_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * mask).sum(dim=1)
-        correct += labels[int(scores.argmax())] == clip.intent
-    return correct / len(clips)
+        return error_rates([speech_normalise(clip.text) for clip in clips],
+                           [speech_normalise(text) for text in hypotheses])["wer"]
+    scores = seq2seq_label_scores(model, input_features, prefix, [target_ids(processor, label) for label in labels])
+    return sum(labels[int(row.argmax())] == clip.intent for row, clip in zip(scores, clips)) / len(clips)
 
 
 def check_clips() -> list[Clip]:

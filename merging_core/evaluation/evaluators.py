@@ -15,6 +15,7 @@ token is checked between batches.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from merging_core.errors import EvaluationError, UnknownMethodError
 from merging_core.plugins.optimizer_base import mean_entropy
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.evaluation.data import TaskData
-from merging_core.evaluation.holder import ModelHolder
+from merging_core.evaluation.holder import ModelHolder, quiet_transformers
 from merging_core.evaluation.workspace import TaskConfig
 
 
@@ -363,9 +364,14 @@ def speech_normalise(text: str) -> str:
     """transformers' Whisper `BasicTextNormalizer` (lower case, no punctuation or bracketed
     text), whitespace collapsed. Not the English normalizer: that one needs Whisper's spelling
     map, which the model package does not ship."""
+    return " ".join(_basic_normalizer()(text).split())
+
+
+@functools.cache
+def _basic_normalizer() -> Callable[[str], str]:
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
-    return " ".join(BasicTextNormalizer()(text).split())
+    return BasicTextNormalizer()  # type: ignore[no-any-return]
 
 
 def _require_speech(holder: Any, evaluator: str) -> None:
@@ -377,8 +383,6 @@ def transcribe(holder: Any, keys: Sequence[str], max_new_tokens: int) -> list[li
     """Greedy transcripts (token ids after the decoder prefix, through end-of-text when reached)
     of a batch of clips, with the model's generation config (Whisper's: no timestamps, its
     suppressed tokens)."""
-    from transformers.utils import logging as hf_logging
-
     prefix = holder.decoder_prefix()
     limit = getattr(holder.model.config, "max_target_positions", None)
     if limit is not None and len(prefix) + max_new_tokens > limit:
@@ -391,12 +395,8 @@ def transcribe(holder: Any, keys: Sequence[str], max_new_tokens: int) -> list[li
     mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=features.device)
     # Whisper's generate passes its own settings beside the config and warns about it on every
     # call; nothing a user can act on.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         generated = holder.model.generate(input_features=features, attention_mask=mask, generation_config=config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
     out = []
     eos = holder.tokenizer.eos_token_id

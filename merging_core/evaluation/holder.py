@@ -61,6 +61,20 @@ def _auto_class(model_class: str):  # type: ignore[no-untyped-def]
     return classes[model_class]
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off for the block (errors still shown), for calls whose warnings
+    are expected and nothing a user can act on."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _head_target(key: str) -> tuple[str, str]:
     """`classifier.modules_to_save.default.weight` or `classifier.weight` -> (classifier, weight)."""
     parts = key.split(".")
@@ -84,7 +98,6 @@ class ModelHolder:
         device: str = "auto",
     ) -> None:
         from transformers import AutoProcessor, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         self.model_path = Path(model_path)
         self.model_class = model_class
@@ -106,14 +119,8 @@ class ModelHolder:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         # The task heads come from the adapters, so transformers' report of a freshly
         # initialised classifier is expected noise here.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            self.model: nn.Module = _auto_class(model_class).from_pretrained(
-                self.model_path, dtype=self.dtype
-            )
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        with quiet_transformers():
+            self.model: nn.Module = _auto_class(model_class).from_pretrained(self.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
         if getattr(self.model.config, "pad_token_id", None) is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
