@@ -1,9 +1,11 @@
 """The service on a real Postgres server (Debian's `postgresql`, started for this module): the
 migrations, a job through the service, the idempotency race, the queue limit under concurrency,
-and UTC timestamps on a server whose `TimeZone` is not UTC."""
+UTC timestamps on a server whose `TimeZone` is not UTC, and a grid sweep (its trials and the
+eval index mirror in Postgres match the files on disk)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -21,10 +23,13 @@ from app import crud
 from app.db import Job, JobKind, alembic_config, make_engine, make_session_factory, upgrade_database
 from app.errors import Conflict
 from app.settings import Settings
+from merging_core.runtime.index import read_index
 from tests.postgres_helpers import SERVER_TIMEZONE, PostgresServer, postgres_server
 from tests.service_helpers import thread_server, wait_job
 
 MERGE = {"adapters": ["topic", "mood"], "method": "ties"}
+SWEEP = {"adapters": ["topic", "mood"], "method": "weighted_delta",
+         "search": {"type": "grid", "grid": {"lambda": [0.0, 0.5, 1.0]}}}
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +229,72 @@ def test_queue_limit_through_the_service(
         for answer in answers:
             if answer.status_code == 202:
                 assert wait_job(client, answer.json()["id"])["status"] == "succeeded"
+
+
+def test_grid_sweep_on_postgres_matches_its_files(
+    tiny_workspace: Path, tmp_path: Path, database_url: str,
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    settings = Settings(workspace=tiny_workspace, artifacts_dir=artifacts, database_url=database_url)
+    with thread_server(settings) as (client, _):
+        answer = client.post("/sweeps", json=SWEEP)
+        assert answer.status_code == 202, answer.text
+        job = wait_job(client, answer.json()["id"])
+        assert job["status"] == "succeeded", job
+        page = client.get(f"/sweeps/{job['id']}/trials").json()
+    sweep_id = job["result"]["sweep_id"]
+    assert page["sweep_id"] == sweep_id and job["result"]["num_trials"] == 3
+    assert [t["index"] for t in page["trials"]] == [0, 1, 2]  # each trial once, in order
+    assert [t["point"] for t in page["trials"]] == [{"lambda": v} for v in (0.0, 0.5, 1.0)]
+
+    combo = artifacts / "merged" / "weighted_delta" / "mood_topic"
+    files = {int(path.stem.split("_")[1]): json.loads(path.read_text())
+             for path in (combo / "sweeps" / sweep_id / "trials").glob("trial_*.json")}
+    assert sorted(files) == [0, 1, 2]
+    index = read_index(combo / "eval" / "index.json")
+
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text(
+                "SELECT trial_index, job_id, point, objective, metrics, merge_tag, fidelity, created_at "
+                "FROM sweep_trials WHERE sweep_id = :sweep ORDER BY trial_index"),
+                {"sweep": sweep_id}).mappings().all()
+            assert connection.execute(sa.text("SELECT count(*) FROM sweep_trials")).scalar() == 3
+            entries = connection.execute(sa.text(
+                "SELECT id, sweep_id, objective_min_delta, entry FROM eval_entries ORDER BY id")).mappings().all()
+            stored = connection.execute(sa.text(
+                "SELECT created_at, started_at, finished_at, updated_at FROM jobs WHERE id = :id"),
+                {"id": job["id"]}).one()
+    finally:
+        engine.dispose()
+
+    # The trials in Postgres are the ones on disk (and the ones the API listed).
+    assert [row["trial_index"] for row in rows] == [0, 1, 2]
+    for row in rows:
+        on_disk = files[row["trial_index"]]
+        assert row["job_id"] == job["id"]
+        assert (row["point"], row["objective"], row["metrics"], row["merge_tag"], row["fidelity"]) == (
+            on_disk["point"], on_disk["objective"], on_disk["metrics"], on_disk["merge_tag"],
+            on_disk["fidelity"]), row["trial_index"]
+        assert page["trials"][row["trial_index"]]["objective"] == on_disk["objective"]
+    # The mirror holds exactly one row per index entry, with the same ids and content.
+    assert len(index) == 3 and len({e["id"] for e in index}) == 3
+    assert [e["id"] for e in entries] == sorted(e["id"] for e in index) == [
+        f"{sweep_id}/trial_{i:04d}" for i in range(3)]
+    by_id = {e["id"]: e for e in index}
+    for entry in entries:
+        assert entry["sweep_id"] == sweep_id
+        assert entry["objective_min_delta"] == by_id[entry["id"]]["objective_min_delta"]
+        assert json.dumps(entry["entry"], sort_keys=True) == json.dumps(by_id[entry["id"]], sort_keys=True)
+    # Timestamps: UTC in the API; the stored instants (read back in the server's zone, so
+    # timezone-aware and not UTC) are the same instants, and each trial lies within the run.
+    stamps = job["timestamps"]
+    assert all(value.endswith("Z") for value in stamps.values()), stamps
+    assert answer.json()["timestamps"]["created_at"] == stamps["created_at"]
+    for name, value in zip(("created_at", "started_at", "finished_at", "updated_at"), stored):
+        assert value.tzinfo is not None and value.utcoffset() != timedelta(0), (name, value)
+        assert value == datetime.fromisoformat(stamps[name]), (name, value, stamps[name])
+    started, finished = (datetime.fromisoformat(stamps[k]) for k in ("started_at", "finished_at"))
+    for row in rows:
+        assert row["created_at"].tzinfo is not None and started <= row["created_at"] <= finished
