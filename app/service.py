@@ -2,7 +2,8 @@
 
 Built in the app's lifespan. The API process loads no model: it validates requests by planning
 them (adapters' factors loaded into `adapter_cache`, nothing computed), records jobs, and hands
-them to the worker process through a `ProcessExecutor`. `/healthz` answers at once; `/readyz`
+them to the worker process through a `ProcessExecutor`, or (`executor: ray`) to the
+`RayExecutor`, whose model actors compute while this process writes every result. `/healthz` answers at once; `/readyz`
 turns 200 when the worker reports the model resident.
 """
 
@@ -10,14 +11,20 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import sessionmaker
 
+from app import crud
 from app.db import make_engine, make_session_factory, upgrade_database
 from app.settings import Settings
 from app.worker_process import ProcessExecutor, requeue_interrupted
 from merging_core.adapters import AdapterCache
 from merging_core.evaluation.workspace import Workspace, load_workspace
+
+if TYPE_CHECKING:
+    from app.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,19 @@ class Service:
         self.workspace: Workspace = load_workspace(settings.workspace_file())
         # Validation plans requests against adapters loaded here; the model lives in the worker.
         self.adapter_cache = AdapterCache()
-        self.executor = ProcessExecutor(settings, self.db)
+        self.executor: ProcessExecutor | RayExecutor
+        if settings.executor == "ray":
+            from app.ray_executor import RayExecutor
+
+            self.executor = RayExecutor(settings, self.db, self.workspace, self.adapter_cache,
+                                        index_listener=self._mirror)
+        else:
+            self.executor = ProcessExecutor(settings, self.db)
+
+    def _mirror(self, index_path: Path, entry: dict[str, Any]) -> None:
+        """The eval index's database mirror (the Ray executor writes the index here)."""
+        with self.db() as session:
+            crud.mirror_index_entry(session, index_path=index_path, entry=entry)
 
     @property
     def ready(self) -> bool:

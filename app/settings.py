@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,10 +41,25 @@ class Settings(BaseSettings):
     worker_threads: int | None = Field(
         default=None, ge=1,
         description="torch threads of the worker process (default: the cores less one, at least 1, "
-        "so the API always has a core)",
+        "so the API always has a core); with executor ray, of each actor, and the CPUs it "
+        "takes (default 1)",
     )
     api_threads: int = Field(
         default=40, ge=1, description="threads that run the API's sync routes (AnyIO's pool)")
+    executor: Literal["embedded", "ray"] = Field(
+        default="embedded",
+        description="embedded: one worker process beside the API holds the model; ray: model "
+        "actors on a Ray cluster compute, this process writes (see the README's Scale out)",
+    )
+    ray_address: str = Field(
+        default="local",
+        description="Ray to use with executor ray: local (start one on this machine), auto (the "
+        "cluster this machine has joined), host:port or ray://host:port",
+    )
+    ray_workers: int | None = Field(
+        default=None, ge=1, description="model actors (default: one per GPU in the cluster, else 1)")
+    ray_gpus_per_worker: float | None = Field(
+        default=None, ge=0, description="GPUs each actor takes (default: 1 where the cluster has GPUs, else 0)")
     max_queued_jobs: int = Field(default=100, ge=1)
     max_attempts: int = Field(
         default=3, ge=1, description="runs of one job before a worker death fails it instead of re-queuing")

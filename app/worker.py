@@ -6,15 +6,22 @@ final state: it runs the job through `merging_core` and, in its `finally`, recor
 failed or cancelled (or queued again when the worker is shutting down). The holder restores the
 model weights on every exit path (see ModelHolder).
 
-A `JobRunner` lives in the worker process (`app/worker_process.py`), behind the `Executor`
-protocol that the service talks to; an executor for several GPUs or machines (e.g. Ray actors
-each holding a `JobRunner`) implements the same methods.
+A job's computing and its writing are apart: a `Compute` computes (merges, evaluations, sweep
+trials) and returns picklable results; the `JobRunner` writes every one of them (run bundles,
+evaluation files, the index, trial files, the database). The embedded executor
+(`app/worker_process.py`) runs both in its worker process with `LocalCompute`; the Ray executor
+(`app/ray_executor.py`) runs the runner in the service's process, the control plane, and
+computes on model actors, so the artifacts are written by the same code either way.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy.orm import sessionmaker
@@ -25,12 +32,15 @@ from app.errors import InvalidRequest, error_payload
 from merging_core.adapters import AdapterCache
 from merging_core.config import MergeConfig, parse_merge_config
 from merging_core.engine.plan import MergePlan, plan_merge
-from merging_core.engine.runner import execute, load_merge
+from merging_core.engine.runner import StagedMerge, load_merge, publish_merge, stage_merge
 from merging_core.errors import Cancelled, MergeError
 from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.results import EvaluationResult
 from merging_core.evaluation.workspace import Workspace
-from merging_core.runtime.cancel import CancelToken
+from merging_core.evaluation.writer import EvalWriter
+from merging_core.runtime.cancel import CancelToken, Progress, check
 from merging_core.search import Sweep, SweepPlan, Trial, plan_sweep
+from merging_core.search.sweep import LocalTrials, TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +100,118 @@ class ProgressWriter:
                                  best=extra.get("best"))
 
 
-class JobRunner:
-    """Runs planned jobs on one EvalSession (one resident model)."""
+@dataclass
+class ComputedMerge:
+    """A merge job's computed part, nothing of it in the artifact layout yet: the staged run
+    bundle (the saved adapter in a hidden temp dir), the evaluation, and what the job's result
+    reports. Picklable: a Ray actor returns it to the control plane, which publishes it."""
 
-    def __init__(self, evaluator: EvalSession, db: sessionmaker) -> None:
-        self.evaluator = evaluator
+    staged: StagedMerge
+    num_modules: int
+    left_out: dict[str, list[str]]
+    optimizer: str
+    optimizer_summary: dict[str, Any] | None
+    evaluation: EvaluationResult | None
+
+
+def compute_merge(session: EvalSession, job_id: str, plan: MergePlan, cancel: CancelToken,
+                  progress: Progress | None) -> ComputedMerge:
+    """Merge, save into the staged bundle, evaluate: everything of a merge job but writing."""
+    started = time.perf_counter()
+    config = plan.config
+    output = load_merge(plan, session=session, cancel=cancel, progress=progress)
+    staged = stage_merge(plan, output, session.root, started=started, progress=progress)
+    try:
+        evaluation = None
+        if config.eval_tasks:
+            evaluation = session.evaluate_merge(
+                output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
+                subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel,
+                progress=progress, write=False,
+            )
+    except BaseException:
+        staged.discard()
+        raise
+    return ComputedMerge(staged=staged, num_modules=len(output.modules), left_out=dict(output.left_out),
+                         optimizer=plan.optimizer.name, optimizer_summary=output.optimizer_summary or None,
+                         evaluation=evaluation)
+
+
+def compute_evaluation(session: EvalSession, job_id: str, plan: MergePlan, cancel: CancelToken,
+                       progress: Progress | None) -> EvaluationResult:
+    """Load a merge (a saved adapter or a planned merge) and evaluate it; writes nothing."""
+    config = plan.config
+    output = load_merge(plan, session=session, cancel=cancel, progress=progress)
+    return session.evaluate_merge(
+        output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
+        subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel, progress=progress,
+        write=False,
+    )
+
+
+class Compute(Protocol):
+    """Where a job's computing happens: this process's resident model (`LocalCompute`), or
+    model actors (`app.ray_executor.RayCompute`). The job runner writes every result."""
+
+    workspace: Workspace
+    adapter_cache: AdapterCache
+
+    def merge(self, job_id: str, plan: MergePlan, cancel: CancelToken,
+              progress: Progress) -> ComputedMerge: ...
+
+    def evaluate(self, job_id: str, plan: MergePlan, cancel: CancelToken,
+                 progress: Progress) -> EvaluationResult: ...
+
+    def trials(self, job_id: str) -> AbstractContextManager[TrialRunner]: ...
+
+
+class LocalCompute:
+    """Jobs computed on one `EvalSession` (one resident model) in this process."""
+
+    def __init__(self, session: EvalSession) -> None:
+        self.session = session
+        self.workspace = session.workspace
+        self.adapter_cache = session.adapter_cache
+
+    def merge(self, job_id: str, plan: MergePlan, cancel: CancelToken, progress: Progress) -> ComputedMerge:
+        with self._restored(job_id):
+            return compute_merge(self.session, job_id, plan, cancel, progress)
+
+    def evaluate(self, job_id: str, plan: MergePlan, cancel: CancelToken,
+                 progress: Progress) -> EvaluationResult:
+        with self._restored(job_id):
+            return compute_evaluation(self.session, job_id, plan, cancel, progress)
+
+    @contextmanager
+    def trials(self, job_id: str) -> Iterator[TrialRunner]:
+        with self._restored(job_id):
+            yield LocalTrials(self.session)
+
+    @contextmanager
+    def _restored(self, job_id: str) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            restore_if_needed(self.session, job_id)
+
+
+def restore_if_needed(session: EvalSession, job_id: str) -> None:
+    """Defensive: the holder restores the weights on every exit path of a job's work."""
+    if not session.holder.is_pristine:
+        log.error("job %s left weights applied; restoring", job_id)
+        session.holder.restore()
+
+
+class JobRunner:
+    """Runs planned jobs: `compute` computes them (here, or on model actors); the runner
+    writes every result (run bundles, evaluation files, the index, trial files, the database)
+    under `root`, with `writer`."""
+
+    def __init__(self, compute: Compute, db: sessionmaker, root: Path, writer: EvalWriter) -> None:
+        self.compute = compute
         self.db = db
+        self.root = root
+        self.writer = writer
         self.tokens: dict[str, CancelToken] = {}
         self.stopping = False  # set by shutdown(): running jobs go back to the queue
 
@@ -103,56 +219,50 @@ class JobRunner:
 
     def _merge(self, job_id: str, plan: MergePlan, cancel: CancelToken,
                progress: ProgressWriter) -> dict[str, Any]:
-        config = plan.config
-        result = execute(plan, self.evaluator, artifacts_dir=self.evaluator.root, cancel=cancel,
-                         progress=progress)
+        computed = self.compute.merge(job_id, plan, cancel, progress)
+        try:
+            check(cancel)
+            run_dir, _ = publish_merge(computed.staged)
+        except BaseException:
+            computed.staged.discard()
+            raise
         with self.db() as db:
             crud.update_progress(db, job_id=job_id, done=0, total=1, message="merged",
-                                 run_dir=str(result.run_dir))
+                                 run_dir=str(run_dir))
         summary: dict[str, Any] = {
-            "merge_tag": result.merge_tag,
-            "run_id": result.run_dir.name,
-            "run_dir": str(result.run_dir),
-            "saved": result.adapter_path is not None,
-            "num_modules": len(result.output.modules),
-            "left_out": result.output.left_out,
+            "merge_tag": computed.staged.merge_tag,
+            "run_id": run_dir.name,
+            "run_dir": str(run_dir),
+            "saved": computed.staged.saved is not None,
+            "num_modules": computed.num_modules,
+            "left_out": computed.left_out,
         }
-        if result.output.optimizer_summary:
-            summary["optimizer"] = {"name": plan.optimizer.name, **result.output.optimizer_summary}
-        if config.eval_tasks:
-            evaluation = self.evaluator.evaluate_merge(
-                result.output, merge_tag=result.merge_tag, tasks=config.eval_tasks,
-                split=config.split, subset=config.eval_subset, record={"job_id": job_id},
-                cancel=cancel, progress=progress, write=False,
-            )
-            self.evaluator.writer.write(evaluation, result.run_dir)
-            summary["evaluation"] = evaluation.to_dict()
+        if computed.optimizer_summary:
+            summary["optimizer"] = {"name": computed.optimizer, **computed.optimizer_summary}
+        if computed.evaluation is not None:
+            self.writer.write(computed.evaluation, run_dir)
+            summary["evaluation"] = computed.evaluation.to_dict()
         return summary
 
     def _evaluate(self, job_id: str, plan: MergePlan, cancel: CancelToken,
                   progress: ProgressWriter) -> dict[str, Any]:
-        config = plan.config
-        output = load_merge(plan, session=self.evaluator, cancel=cancel, progress=progress)
-        evaluation = self.evaluator.evaluate_merge(
-            output, merge_tag=output.merge_tag, tasks=config.eval_tasks, split=config.split,
-            subset=config.eval_subset, record={"job_id": job_id}, cancel=cancel, progress=progress,
-            write=False,
-        )
-        self.evaluator.writer.write(evaluation)
+        evaluation = self.compute.evaluate(job_id, plan, cancel, progress)
+        self.writer.write(evaluation)
         return evaluation.to_dict()
 
     def _sweep(self, job_id: str, plan: SweepPlan, cancel: CancelToken,
                progress: ProgressWriter) -> dict[str, Any]:
-        sweep = Sweep(plan, self.evaluator)
-        with self.db() as db:
-            crud.update_progress(db, job_id=job_id, done=0, total=sweep.total, message="starting",
-                                 sweep_id=sweep.sweep_id)
-
-        def on_trial(trial: Trial) -> None:
+        with self.compute.trials(job_id) as trials:
+            sweep = Sweep(plan, root=self.root, writer=self.writer, runner=trials)
             with self.db() as db:
-                crud.record_trial(db, job_id=job_id, sweep_id=sweep.sweep_id, trial=trial.to_dict())
+                crud.update_progress(db, job_id=job_id, done=0, total=sweep.total, message="starting",
+                                     sweep_id=sweep.sweep_id)
 
-        result = sweep.run(cancel=cancel, progress=progress, on_trial=on_trial)
+            def on_trial(trial: Trial) -> None:
+                with self.db() as db:
+                    crud.record_trial(db, job_id=job_id, sweep_id=sweep.sweep_id, trial=trial.to_dict())
+
+            result = sweep.run(cancel=cancel, progress=progress, on_trial=on_trial)
         best = result.best
         return {
             "sweep_id": result.sweep_id,
@@ -182,8 +292,8 @@ class JobRunner:
         final, fields = JobStatus.FAILED, {}
         try:
             if plan is None:
-                plan = plan_job(kind, parse_merge_config(request), self.evaluator.workspace,
-                                self.evaluator.adapter_cache)
+                plan = plan_job(kind, parse_merge_config(request), self.compute.workspace,
+                                self.compute.adapter_cache)
             handler = {JobKind.MERGE: self._merge, JobKind.EVALUATE: self._evaluate,
                        JobKind.SWEEP: self._sweep}[kind]
             result = handler(job_id, plan, cancel, ProgressWriter(self.db, job_id))
@@ -202,9 +312,6 @@ class JobRunner:
             final, fields = JobStatus.FAILED, {"error": error_payload(exc), "progress_message": "failed"}
         finally:
             self.tokens.pop(job_id, None)
-            if not self.evaluator.holder.is_pristine:  # defensive: the holder restores on exit
-                log.error("job %s left weights applied; restoring", job_id)
-                self.evaluator.holder.restore()
             with self.db() as db:
                 crud.transition(db, job_id=job_id, status=final, **fields)
 

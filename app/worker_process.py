@@ -50,7 +50,7 @@ from sqlalchemy.orm import sessionmaker
 from app import crud
 from app.db import JobStatus, make_engine, make_session_factory
 from app.settings import Settings
-from app.worker import JobPlan, JobRunner
+from app.worker import JobPlan, JobRunner, LocalCompute
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,13 @@ def worker_main(settings: Settings, inbox: Any, outbox: Any) -> None:
     # Everything loaded so far lives as long as the process: keep the cyclic GC off it.
     gc.collect()
     gc.freeze()
-    runner = JobRunner(evaluator, db)
+    runner = JobRunner(LocalCompute(evaluator), db, evaluator.root, evaluator.writer)
     runners.append(runner)
     if stopping.is_set():  # asked to stop while the model was loading
         return
     plans: dict[str, JobPlan] = {}
     holder = evaluator.holder
-    outbox.put(("ready", {"device": str(holder.device), "model": _model_name(workspace),
+    outbox.put(("ready", {"device": str(holder.device), "model": model_name(workspace),
                           "pid": os.getpid(), "model_loads": ModelHolder.load_count}))
 
     def listen() -> None:
@@ -162,7 +162,7 @@ def worker_threads_default() -> int:
     return max(1, usable - 1)
 
 
-def _model_name(workspace: Any) -> str:
+def model_name(workspace: Any) -> str:
     """The base model's name as the workspace gives it (a GGUF's file stem, not its cache path)."""
     base = workspace.spec.base_model
     return Path(base.gguf).stem if base.gguf else workspace.base_model_path().name

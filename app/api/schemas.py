@@ -177,6 +177,17 @@ class RunRead(BaseModel):
     adapter_url: str | None = Field(default=None, description="zip download of the saved adapter")
 
 
+class ActorHealth(BaseModel):
+    """One model actor of the Ray executor."""
+
+    name: str = Field(examples=["actor-0"])
+    resident: bool = Field(description="its base model is loaded")
+    busy: bool = Field(description="a job's merge, evaluation or trial is running on it")
+    device: str | None = None
+    pid: int | None = None
+    node: str | None = None
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     ready: bool
@@ -184,3 +195,6 @@ class Health(BaseModel):
     model: str | None
     workspace: str
     error: str | None = None
+    executor: str = Field(default="embedded", examples=["embedded"], description="embedded or ray")
+    actors: list[ActorHealth] | None = Field(
+        default=None, description="the Ray executor's model actors (null with the embedded executor)")

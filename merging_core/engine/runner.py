@@ -4,8 +4,11 @@
 all end here). Order: load the planned adapters (cached) -> the optimizer sets the lambda
 policy (AdaMerging on the session's resident model) -> a data-aware method's Grams from the
 session (RegMean; collected on the resident model or read from their cache) and its per-module
-solves -> the in-memory merge -> optionally save -> always write the run bundle. The bundle is built in a hidden temp dir that is renamed into
-place only when complete, so a failed or cancelled merge leaves no partial run directory.
+solves -> the in-memory merge (`load_merge`) -> optionally save, into a hidden temp dir
+(`stage_merge`) -> always write the run bundle and rename it into place (`publish_merge`), so a
+failed or cancelled merge leaves no partial run directory. Staging and publishing are apart so
+that a worker (e.g. a Ray actor) can compute and save while the process that owns the
+artifacts writes the bundle.
 
 `run_merge(config)` = `execute(plan_merge(config))`; `prepare_merge(config)` stops before
 writing and returns the in-memory merge.
@@ -134,38 +137,41 @@ def load_merge(
     return output
 
 
-def execute(
-    plan: MergePlan,
-    session: MergeSession | None = None,
-    *,
-    artifacts_dir: str | Path | None = None,
-    save: bool | None = None,
-    adapter_cache: AdapterCache | None = None,
-    cancel: CancelToken | None = None,
-    progress: Progress | None = None,
-) -> MergeResult:
-    """Load, optimise, merge and write the run bundle (saving the adapter if asked).
+@dataclass
+class StagedMerge:
+    """A computed merge before its run bundle is published: the saved adapter (if any) already
+    in a hidden temp directory under its runs directory, and what the bundle records.
+    Picklable, so a worker can compute it and the process that owns the artifacts publish it
+    (`publish_merge`); until then nothing of it is in the artifact layout."""
 
-    `artifacts_dir` overrides the config's `output_dir`; `save` overrides `save_merged`.
-    """
-    started = time.perf_counter()
+    runs_root: Path
+    temp_dir: Path
+    merge_tag: str
+    saved: dict[str, Any] | None
+    metadata: dict[str, Any]  # the bundle's metadata, less run id, run dir and times
+    artifacts: dict[str, Any]  # the optimizer's files (JSON-able content or bytes)
+    compute_s: float
+
+    def discard(self) -> None:
+        discard_run_dir(self.temp_dir)
+
+
+def stage_merge(plan: MergePlan, output: MergeOutput, artifacts_dir: str | Path | None = None, *,
+                save: bool | None = None, started: float | None = None,
+                progress: Progress | None = None) -> StagedMerge:
+    """Save the adapter (if asked) into a hidden temp run directory and describe the bundle.
+
+    `artifacts_dir` overrides the config's `output_dir`; `save` overrides `save_merged`."""
     config = plan.config
-    output = load_merge(plan, session=session, adapter_cache=adapter_cache, cancel=cancel,
-                        progress=progress)
     do_save = config.save_merged if save is None else save
     root = Path(artifacts_dir or config.output_dir or DEFAULT_ARTIFACTS_DIR)
     runs_root = runs_dir(root, plan.method, output.adapter_names)
     temp_dir = make_temp_run_dir(runs_root)
-    final_dir: Path | None = None
     try:
-        created = datetime.now(UTC)
-        final_dir = claim_run_dir(runs_root, created)
         saved = None
         if do_save:
             saved = save_merged_adapter(output, temp_dir, save_rank=config.save_rank, progress=progress)
         metadata: dict[str, Any] = {
-            "run_id": final_dir.name,
-            "run_dir": str(final_dir),
             "method": plan.method,
             "merge_tag": output.merge_tag,
             "merge_mode": config.merge_mode,
@@ -182,10 +188,33 @@ def execute(
             "left_out": output.left_out,
             "saved": saved,
             "versions": library_versions(),
-            "created_at": created.isoformat(),
-            "duration_s": round(time.perf_counter() - started, 4),
         }
-        for name, content in output.optimizer_artifacts.items():
+    except BaseException:
+        discard_run_dir(temp_dir)
+        raise
+    return StagedMerge(runs_root=runs_root, temp_dir=temp_dir, merge_tag=output.merge_tag, saved=saved,
+                       metadata=metadata, artifacts=dict(output.optimizer_artifacts),
+                       compute_s=time.perf_counter() - (started if started is not None else time.perf_counter()))
+
+
+def publish_merge(staged: StagedMerge) -> tuple[Path, dict[str, Any]]:
+    """Write the bundle's files into the staged directory and rename it into place as
+    `runs/run_<time>`; returns the run directory and its metadata. On any failure nothing of
+    the bundle is left."""
+    started = time.perf_counter()
+    final_dir: Path | None = None
+    try:
+        created = datetime.now(UTC)
+        final_dir = claim_run_dir(staged.runs_root, created)
+        metadata: dict[str, Any] = {
+            "run_id": final_dir.name,
+            "run_dir": str(final_dir),
+            **staged.metadata,
+            "created_at": created.isoformat(),
+            "duration_s": round(staged.compute_s + time.perf_counter() - started, 4),
+        }
+        temp_dir = staged.temp_dir
+        for name, content in staged.artifacts.items():
             if isinstance(content, bytes):
                 atomic_write(temp_dir / name, lambda temp, data=content: temp.write_bytes(data))
             else:
@@ -194,15 +223,37 @@ def execute(
         atomic_write_json(temp_dir / RUN_SUMMARY_FILE, summarize(metadata))
         publish_run_dir(temp_dir, final_dir)
     except BaseException:
-        discard_run_dir(temp_dir, final_dir)
+        discard_run_dir(staged.temp_dir, final_dir)
         raise
-    log.info("merge %s written to %s", output.merge_tag, final_dir)
+    log.info("merge %s written to %s", staged.merge_tag, final_dir)
+    return final_dir, metadata
+
+
+def execute(
+    plan: MergePlan,
+    session: MergeSession | None = None,
+    *,
+    artifacts_dir: str | Path | None = None,
+    save: bool | None = None,
+    adapter_cache: AdapterCache | None = None,
+    cancel: CancelToken | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Load, optimise, merge and write the run bundle (saving the adapter if asked).
+
+    `artifacts_dir` overrides the config's `output_dir`; `save` overrides `save_merged`.
+    """
+    started = time.perf_counter()
+    output = load_merge(plan, session=session, adapter_cache=adapter_cache, cancel=cancel,
+                        progress=progress)
+    staged = stage_merge(plan, output, artifacts_dir, save=save, started=started, progress=progress)
+    final_dir, metadata = publish_merge(staged)
     return MergeResult(
         method=plan.method,
         params=output.params,
         merge_tag=output.merge_tag,
         run_dir=final_dir,
-        adapter_path=final_dir if saved else None,
+        adapter_path=final_dir if staged.saved else None,
         metadata=metadata,
         output=output,
     )

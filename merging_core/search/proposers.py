@@ -112,22 +112,27 @@ class BayesProposer:
         return [d.to_unit(point[d.name]) for d in self.dimensions]
 
     def propose(self, n: int, pending: Sequence[Proposal] = ()) -> list[Proposal]:
+        """Sobol points while they last, then GP points. One GP point with nothing pending
+        uses the configured acquisition as it is; a batch (several idle workers) or pending
+        points (trials still running) is one Monte Carlo acquisition of q points with the
+        pending ones as `X_pending` (ei -> qEI, logei -> qLogEI, qlognei as it is)."""
         start = self.observed + len(pending)
         queued = list(pending)
         proposals: list[Proposal] = []
-        for index in range(start, min(start + n, self.total)):
-            if index < len(self.sobol):
-                proposal = Proposal(index, self._point(self.sobol[index]), "sobol")
-            else:
-                unit = suggest(
-                    [self._unit(o["point"]) for o in self.observations],
-                    [o["objective"] for o in self.observations],
-                    len(self.dimensions), self.search.acquisition, self.search.seed * 7919 + index,
-                    pending=[self._unit(p.point) for p in queued],
-                )
-                proposal = Proposal(index, self._point(unit), "gp")
+        indices = range(start, min(start + n, self.total))
+        for index in (i for i in indices if i < len(self.sobol)):
+            proposal = Proposal(index, self._point(self.sobol[index]), "sobol")
             queued.append(proposal)
             proposals.append(proposal)
+        batch = [i for i in indices if i >= len(self.sobol)]
+        if batch:
+            units = suggest_batch(
+                [self._unit(o["point"]) for o in self.observations],
+                [o["objective"] for o in self.observations],
+                len(self.dimensions), self.search.seed * 7919 + batch[0], len(batch),
+                acquisition=self.search.acquisition, pending=[self._unit(p.point) for p in queued],
+            )
+            proposals += [Proposal(index, self._point(unit), "gp") for index, unit in zip(batch, units)]
         return proposals
 
     def observe(self, trials: Sequence[Trial]) -> None:
@@ -269,18 +274,28 @@ def suggest(
 
 
 def suggest_batch(observed_x: list[list[float]], observed_y: list[float], dims: int, seed: int,
-                  q: int) -> list[list[float]]:
-    """`q` points in [0, 1]^d from one GP fit: qLogNEI optimised greedily, each point
-    conditioned on those before it (botorch's sequential batch optimisation)."""
+                  q: int, *, acquisition: str = "qlognei",
+                  pending: list[list[float]] | None = None) -> list[list[float]]:
+    """`q` points in [0, 1]^d from one GP fit, given `pending` points still being evaluated.
+    q = 1 with nothing pending is `suggest`. Otherwise the acquisition's Monte Carlo form
+    (the analytic EI and LogEI take neither q > 1 nor pending points) is optimised greedily,
+    each point conditioned on those before it and on the pending ones (botorch's sequential
+    batch optimisation with `X_pending`)."""
+    if q == 1 and not pending:
+        return [suggest(observed_x, observed_y, dims, acquisition, seed)]
     with warnings.catch_warnings(), one_torch_thread():
         warnings.simplefilter("ignore")
-        return _suggest(observed_x, observed_y, dims, "qlognei", seed, [], q)
+        return _suggest(observed_x, observed_y, dims, MONTE_CARLO[acquisition], seed, pending or [], q)
+
+
+# The batch (Monte Carlo) form of each acquisition.
+MONTE_CARLO = {"ei": "qei", "logei": "qlogei", "qlognei": "qlognei"}
 
 
 def _suggest(observed_x: list[list[float]], observed_y: list[float], dims: int, acquisition: str,
              seed: int, pending: list[list[float]], q: int) -> list[list[float]]:
-    from botorch.acquisition import ExpectedImprovement, LogExpectedImprovement
-    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+    from botorch.acquisition import ExpectedImprovement, LogExpectedImprovement, qExpectedImprovement
+    from botorch.acquisition.logei import qLogExpectedImprovement, qLogNoisyExpectedImprovement
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
     from botorch.models.transforms.outcome import Standardize
@@ -294,10 +309,14 @@ def _suggest(observed_x: list[list[float]], observed_y: list[float], dims: int, 
     model = SingleTaskGP(train_x, train_y, outcome_transform=Standardize(m=1))
     fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
     x_pending = torch.tensor(pending, dtype=torch.float64) if pending else None
+    sampler = SobolQMCNormalSampler(sample_shape=torch.Size([128]), seed=seed)
     if acquisition == "qlognei":
-        sampler = SobolQMCNormalSampler(sample_shape=torch.Size([128]), seed=seed)
         acq = qLogNoisyExpectedImprovement(model, X_baseline=train_x, sampler=sampler,
                                            X_pending=x_pending)
+    elif acquisition == "qlogei":
+        acq = qLogExpectedImprovement(model, best_f=train_y.max(), sampler=sampler, X_pending=x_pending)
+    elif acquisition == "qei":
+        acq = qExpectedImprovement(model, best_f=train_y.max(), sampler=sampler, X_pending=x_pending)
     elif acquisition == "logei":
         acq = LogExpectedImprovement(model, best_f=train_y.max())
     else:

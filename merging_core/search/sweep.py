@@ -8,7 +8,9 @@ plan: its parameters and lambda policy only, no adapter loaded again and no merg
 
 `Sweep(plan, session).run()` asks its proposer (`search.proposers`) for points, merges each in
 memory on the resident model, evaluates every task, restores, and writes the trial at once
-(`sweeps/<sweep_id>/trials/trial_NNNN.json`). The sweep id hashes everything that defines the
+(`sweeps/<sweep_id>/trials/trial_NNNN.json`). A `TrialRunner` computes the trials: one at a
+time on the session's model (`LocalTrials`), or several at once on model actors (the service's
+Ray executor); the sweep's own process always writes every record. The sweep id hashes everything that defines the
 sweep, so starting the same sweep again with the same artifacts directory resumes it: finished
 trials are read back and observed, never re-run, and the proposals are the same.
 
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from merging_core.adapters import AdapterCache
 from merging_core.config.loader import parse_merge_config
@@ -47,8 +49,10 @@ from merging_core.engine.registry import get_method
 from merging_core.engine.runner import load_merge
 from merging_core.errors import ConfigError, ParamError
 from merging_core.evaluation.evaluate import EvalSession
+from merging_core.evaluation.results import EvaluationResult
 from merging_core.evaluation.subsets import FidelitySubsetConfig, subset_namespace
 from merging_core.evaluation.workspace import Workspace
+from merging_core.evaluation.writer import EvalWriter
 from merging_core.runtime.cancel import CancelToken, Progress, check, report
 from merging_core.runtime.io import atomic_write_json
 from merging_core.runtime.paths import sweep_plot_file, sweep_summary_file, trial_file
@@ -265,56 +269,149 @@ def plan_sweep(
     return plan
 
 
-class Sweep:
-    """One planned sweep on a session's resident model; `run()` resumes from persisted trials."""
+@dataclass(frozen=True)
+class TrialRequest:
+    """What a worker needs to score one trial: the merge at its point (a planned variant) and
+    where to evaluate it. Picklable: a Ray actor computes it, the sweep's process records it."""
 
-    def __init__(self, plan: SweepPlan, session: EvalSession) -> None:
-        self.plan = plan
+    index: int
+    plan: MergePlan
+    tasks: tuple[str, ...]
+    split: str
+    subset: EvalSubsetConfig | None
+    eval_id: str
+    record: dict[str, Any]
+
+
+@dataclass
+class TrialOutcome:
+    """A scored trial as a worker returns it (nothing of it written yet); `worker` names who
+    computed it (None: this process)."""
+
+    result: EvaluationResult
+    params: dict[str, Any]
+    merge_tag: str
+    duration_s: float
+    worker: str | None = None
+
+
+def compute_trial(session: EvalSession, request: TrialRequest,
+                  cancel: CancelToken | None = None) -> TrialOutcome:
+    """Merge at the trial's point on the session's resident model and evaluate every task;
+    writes nothing but the reference/base caches."""
+    started = time.perf_counter()
+    output = load_merge(request.plan, session=session)
+    result = session.evaluate_merge(
+        output, merge_tag=output.merge_tag, tasks=request.tasks, split=request.split,
+        subset=request.subset, entry_id=request.eval_id, record=request.record, cancel=cancel,
+        write=False,
+    )
+    return TrialOutcome(result=result, params=output.params, merge_tag=output.merge_tag,
+                        duration_s=round(time.perf_counter() - started, 4))
+
+
+class TrialRunner(Protocol):
+    """Where a sweep's trials are computed: this process (`LocalTrials`), or a pool of model
+    actors. The sweep proposes, submits and records; the runner only computes."""
+
+    def capacity(self, in_flight: int, cancel: CancelToken | None) -> int:
+        """How many more trials may start now (with `in_flight` running). With none in flight
+        it waits for room for at least one."""
+        ...
+
+    def submit(self, request: TrialRequest) -> None: ...
+
+    def wait(self, cancel: CancelToken | None) -> tuple[TrialRequest, TrialOutcome]:
+        """The next finished trial (raises `Cancelled` once `cancel` is set, with every
+        running trial stopped)."""
+        ...
+
+
+class LocalTrials:
+    """One trial at a time on the session's resident model, computed when waited for."""
+
+    def __init__(self, session: EvalSession) -> None:
         self.session = session
+        self.queue: list[TrialRequest] = []
+
+    def capacity(self, in_flight: int, cancel: CancelToken | None) -> int:
+        return 0 if in_flight else 1
+
+    def submit(self, request: TrialRequest) -> None:
+        self.queue.append(request)
+
+    def wait(self, cancel: CancelToken | None) -> tuple[TrialRequest, TrialOutcome]:
+        request = self.queue.pop(0)
+        return request, compute_trial(self.session, request, cancel)
+
+
+class Sweep:
+    """One planned sweep; `run()` resumes from persisted trials.
+
+    The sweep's process proposes points, records every trial (its evaluation files, index
+    entry and trial file) and writes the summary and plot; `runner` computes the trials, one at
+    a time on `session`'s resident model by default, or several at once on model actors. With
+    a runner, `root` and `writer` say where the records go (the session's by default)."""
+
+    def __init__(self, plan: SweepPlan, session: EvalSession | None = None, *,
+                 root: Path | None = None, writer: EvalWriter | None = None,
+                 runner: TrialRunner | None = None) -> None:
+        if session is None and (root is None or writer is None or runner is None):
+            raise TypeError("Sweep needs a session, or a root, a writer and a runner")
+        self.plan = plan
+        self.root = Path(root) if root is not None else session.root  # type: ignore[union-attr]
+        self.writer = writer if writer is not None else session.writer  # type: ignore[union-attr]
+        self.runner: TrialRunner = runner if runner is not None else LocalTrials(session)  # type: ignore[arg-type]
         self.sweep_id = plan.sweep_id
         self.total = plan.total
         config = plan.config
-        root = session.root
-        self.summary_path = sweep_summary_file(root, config.method, config.adapters, plan.sweep_id)
-        self.plot_path = sweep_plot_file(root, config.method, config.adapters, plan.sweep_id)
+        self.summary_path = sweep_summary_file(self.root, config.method, config.adapters, plan.sweep_id)
+        self.plot_path = sweep_plot_file(self.root, config.method, config.adapters, plan.sweep_id)
 
     def _trial_path(self, index: int) -> Path:
         config = self.plan.config
-        return trial_file(self.session.root, config.method, config.adapters, self.sweep_id, index)
+        return trial_file(self.root, config.method, config.adapters, self.sweep_id, index)
 
-    def _load_trial(self, index: int) -> Trial | None:
-        path = self._trial_path(index)
-        if not path.is_file():
-            return None
-        return Trial.from_dict(json.loads(path.read_text()))
+    def _load_trials(self) -> dict[int, Trial]:
+        """Every trial on disk (a parallel sweep may have finished some past a gap)."""
+        found = {}
+        for index in range(self.total):
+            path = self._trial_path(index)
+            if path.is_file():
+                found[index] = Trial.from_dict(json.loads(path.read_text()))
+        return found
 
     def _record(self, trial: Trial) -> Trial:
         atomic_write_json(self._trial_path(trial.index), trial.to_dict())
         return trial
 
-    def _evaluate(self, proposal: Proposal, cancel: CancelToken | None) -> Trial:
-        if proposal.reuse is not None:  # warm start matched the context: the sweep's subset
-            return self._record(Trial.from_dict({"fidelity": self.plan.fidelity, **proposal.reuse,
-                                                 "index": proposal.index, "source": "warm_start"}))
-        started = time.perf_counter()
+    def _request(self, proposal: Proposal) -> TrialRequest:
         fidelity = proposal.fidelity if proposal.fidelity is not None else self.plan.fidelity
-        output = load_merge(self.plan.trial_plan(proposal.point), session=self.session)
-        eval_id = f"{self.sweep_id}/trial_{proposal.index:04d}"
-        config = self.plan.config
-        result = self.session.evaluate_merge(
-            output, merge_tag=output.merge_tag, tasks=self.plan.tasks, split=config.split,
-            subset=self.plan.subset_at(fidelity), entry_id=eval_id,
-            record={"sweep_id": self.sweep_id, "trial": proposal.index}, cancel=cancel, write=False,
+        return TrialRequest(
+            index=proposal.index, plan=self.plan.trial_plan(proposal.point), tasks=self.plan.tasks,
+            split=self.plan.config.split, subset=self.plan.subset_at(fidelity),
+            eval_id=f"{self.sweep_id}/trial_{proposal.index:04d}",
+            record={"sweep_id": self.sweep_id, "trial": proposal.index},
         )
-        self.session.writer.write(result)
+
+    def _finish(self, proposal: Proposal, request: TrialRequest, outcome: TrialOutcome) -> Trial:
+        """Record a computed trial: its evaluation (files, index entry), then its trial file."""
+        self.writer.write(outcome.result)
+        result = outcome.result
+        fidelity = proposal.fidelity if proposal.fidelity is not None else self.plan.fidelity
         return self._record(Trial(
             index=proposal.index, point=proposal.point, source=proposal.source,
             objective=result.objective, metrics=result.metrics, interference_delta=result.deltas,
-            method_params=output.params, lambda_policy=result.lambda_policy,
-            merge_tag=output.merge_tag, eval_id=eval_id,
-            duration_s=round(time.perf_counter() - started, 4), fidelity=fidelity,
-            promoted_from=proposal.promoted_from,
+            method_params=outcome.params, lambda_policy=result.lambda_policy,
+            merge_tag=outcome.merge_tag, eval_id=request.eval_id, duration_s=outcome.duration_s,
+            fidelity=fidelity, worker=outcome.worker, promoted_from=proposal.promoted_from,
         ))
+
+    def _reused(self, proposal: Proposal) -> Trial:
+        """A warm-start trial at this very point (the sweep's subset), recorded as this one."""
+        assert proposal.reuse is not None
+        return self._record(Trial.from_dict({"fidelity": self.plan.fidelity, **proposal.reuse,
+                                             "index": proposal.index, "source": "warm_start"}))
 
     def run(
         self,
@@ -323,7 +420,12 @@ class Sweep:
         progress: Progress | None = None,
         on_trial: Callable[[Trial], None] | None = None,
     ) -> SweepResult:
-        """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too)."""
+        """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too).
+
+        Trials are proposed in index order, as many at a time as the runner has room for (the
+        others in flight are the proposer's pending points), and observed in index order: a
+        trial that finishes before an earlier one waits, recorded, for it. A resumed sweep
+        reads every trial file back; an index with none is proposed again."""
         search = self.plan.search
         warm, skipped = ([], [])
         if search.warm_start_sweeps:
@@ -331,37 +433,76 @@ class Sweep:
                                             self.summary_path, layer_groups=self.plan.layer_groups,
                                             fidelities=self.plan.fidelities)
         proposer = make_proposer(search, self.plan.dimensions, warm)
-        trials: list[Trial] = []
-        resumed = 0
+        on_disk = self._load_trials()
+        trials: list[Trial] = []  # observed, in index order
+        pending: list[Proposal] = []  # proposed, not observed yet, in index order
+        finished: dict[int, Trial] = {}  # recorded, waiting for an earlier trial
+        running: dict[int, Proposal] = {}
+        computed: set[int] = set()  # computed by this run (not resumed, not reused)
+        next_index = resumed = 0
         best: Trial | None = None
         summary_written = float("-inf")
         while len(trials) < self.total:
             check(cancel)
-            trial = self._load_trial(len(trials))
-            evaluated = False
-            if trial is not None:
-                resumed += 1
-            else:
-                [proposal] = proposer.propose(1)
-                trial = self._evaluate(proposal, cancel)
-                evaluated = proposal.reuse is None
-            trials.append(trial)
-            proposer.observe([trial])
-            if on_trial is not None:
-                on_trial(trial)
-            message = f"trial {trial.index} objective {trial.objective:.4f}"
-            ranks = self.plan.top_fidelity is None or trial.fidelity == self.plan.top_fidelity
-            if self.plan.top_fidelity is not None:
-                message += f" (fidelity {trial.fidelity})"
-            if ranks and (best is None or trial.objective > best.objective):  # a new best: always reported
-                best = trial
-                report(progress, len(trials), self.total, message,
-                       best={"index": best.index, "objective": best.objective, "point": best.point})
-            else:
-                report(progress, len(trials), self.total, message)
-            if evaluated and time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
-                self._write_summary(trials, warm, skipped, complete=False)
-                summary_written = time.monotonic()
+            moved = False
+            room = self.runner.capacity(len(running), cancel) if next_index < self.total else 0
+            while next_index < self.total:
+                if next_index in on_disk:  # resumed: known, observed in its turn
+                    trial = on_disk.pop(next_index)
+                    pending.append(Proposal(trial.index, trial.point, trial.source, fidelity=trial.fidelity,
+                                            promoted_from=trial.promoted_from))
+                    finished[trial.index] = trial
+                    next_index += 1
+                    resumed += 1
+                    continue
+                gap = next((i for i in range(next_index, self.total) if i in on_disk), self.total)
+                wanted = min(room, gap - next_index)
+                proposals = proposer.propose(wanted, pending) if wanted > 0 else []
+                if not proposals:
+                    break
+                for proposal in proposals:
+                    assert proposal.index == next_index, "proposals come in index order"
+                    pending.append(proposal)
+                    next_index += 1
+                    if proposal.reuse is not None:
+                        finished[proposal.index] = self._reused(proposal)
+                    else:
+                        self.runner.submit(self._request(proposal))
+                        running[proposal.index] = proposal
+                        room -= 1
+                moved = True
+            while len(trials) in finished:  # observe in index order
+                trial = finished.pop(len(trials))
+                assert pending[0].index == trial.index
+                pending.pop(0)
+                trials.append(trial)
+                proposer.observe([trial])
+                moved = True
+                if on_trial is not None:
+                    on_trial(trial)
+                message = f"trial {trial.index} objective {trial.objective:.4f}"
+                ranks = self.plan.top_fidelity is None or trial.fidelity == self.plan.top_fidelity
+                if self.plan.top_fidelity is not None:
+                    message += f" (fidelity {trial.fidelity})"
+                if ranks and (best is None or trial.objective > best.objective):  # a new best: always reported
+                    best = trial
+                    report(progress, len(trials), self.total, message,
+                           best={"index": best.index, "objective": best.objective, "point": best.point})
+                else:
+                    report(progress, len(trials), self.total, message)
+                if trial.index in computed and time.monotonic() - summary_written >= SUMMARY_INTERVAL_S:
+                    self._write_summary(trials, warm, skipped, complete=False)
+                    summary_written = time.monotonic()
+            if len(trials) >= self.total:
+                break
+            if not running:
+                if moved:
+                    continue
+                raise RuntimeError(f"sweep {self.sweep_id}: nothing to run at trial {len(trials)}")
+            request, outcome = self.runner.wait(cancel)
+            proposal = running.pop(request.index)
+            finished[request.index] = self._finish(proposal, request, outcome)
+            computed.add(request.index)
         result = SweepResult(
             sweep_id=self.sweep_id, summary_path=self.summary_path, plot_path=None, trials=trials,
             warm_start={"used": self._warm_used(trials, warm), "skipped": skipped}, resumed_trials=resumed,

@@ -21,6 +21,8 @@ def _health(service: ServiceDep) -> Health:
         model=worker["model"] if worker else None,
         workspace=service.workspace.name,
         error=service.load_error,
+        executor=service.settings.executor,
+        actors=getattr(service.executor.state, "actors", None),
     )
 
 
@@ -30,7 +32,8 @@ def healthz(service: ServiceDep) -> Health:
 
 
 @router.get("/readyz", response_model=Health, operation_id="readyz",
-            summary="Readiness: 200 once the base model is resident, 503 before",
+            summary="Readiness: 200 once the base model is resident (with Ray: on at least one "
+            "actor), 503 before",
             responses={503: {"model": Health, "description": "model not loaded yet"}})
 def readyz(service: ServiceDep) -> JSONResponse:
     health = _health(service)
