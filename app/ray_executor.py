@@ -34,6 +34,7 @@ import os
 import platform
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class ModelActor:
         self.session = EvalSession.from_workspace(workspace, settings.artifacts_dir, device=settings.device,
                                                   dtype=settings.dtype)
         self.tokens: dict[str, CancelToken] = {}
+        self.cancels_received = 0  # cancels of this actor's calls (see inspect)
+        self.cancelled_early: set[str] = set()
         self.progress_of: dict[str, tuple[int, int, str, dict[str, Any]]] = {}
         gc.collect()
         gc.freeze()
@@ -116,45 +119,52 @@ class ModelActor:
         }
 
     @contextmanager
-    def _job(self, job_id: str) -> Iterator[tuple[CancelToken, Progress]]:
-        token = self.tokens[job_id] = CancelToken()
+    def _call(self, call_id: str, job_id: str) -> Iterator[tuple[CancelToken, Progress]]:
+        token = self.tokens[call_id] = CancelToken()
+        if call_id in self.cancelled_early:  # the cancel came before the call started
+            token.cancel()
 
         def progress(done: int, total: int, message: str, extra: dict[str, Any]) -> None:
-            self.progress_of[job_id] = (done, total, message, extra)
+            self.progress_of[call_id] = (done, total, message, extra)
 
         try:
             yield token, progress
         finally:
-            self.tokens.pop(job_id, None)
-            self.progress_of.pop(job_id, None)
+            self.tokens.pop(call_id, None)
+            self.progress_of.pop(call_id, None)
+            self.cancelled_early.discard(call_id)
             restore_if_needed(self.session, job_id)
 
-    def merge(self, job_id: str, plan: MergePlan) -> ComputedMerge:
-        with self._job(job_id) as (cancel, progress):
+    def merge(self, call_id: str, job_id: str, plan: MergePlan) -> ComputedMerge:
+        with self._call(call_id, job_id) as (cancel, progress):
             return compute_merge(self.session, job_id, plan, cancel, progress)
 
-    def evaluate(self, job_id: str, plan: MergePlan) -> EvaluationResult:
-        with self._job(job_id) as (cancel, progress):
+    def evaluate(self, call_id: str, job_id: str, plan: MergePlan) -> EvaluationResult:
+        with self._call(call_id, job_id) as (cancel, progress):
             return compute_evaluation(self.session, job_id, plan, cancel, progress)
 
-    def trial(self, job_id: str, request: TrialRequest) -> TrialOutcome:
-        with self._job(job_id) as (cancel, _):
+    def trial(self, call_id: str, job_id: str, request: TrialRequest) -> TrialOutcome:
+        with self._call(call_id, job_id) as (cancel, _):
             outcome = compute_trial(self.session, request, cancel)
         outcome.worker = self.name
         return outcome
 
-    def cancel(self, job_id: str) -> bool:
-        """Stop the job's running call at its next batch (the weights are restored)."""
-        token = self.tokens.get(job_id)
+    def cancel(self, call_id: str) -> None:
+        """Stop a call at its next batch (the weights are restored), or at its start if it
+        has not started yet. Call ids are unique, so a cancel never outlives its call."""
+        self.cancels_received += 1
+        token = self.tokens.get(call_id)
         if token is not None:
             token.cancel()
-        return token is not None
+        elif len(self.cancelled_early) < 10_000:
+            self.cancelled_early.add(call_id)
 
-    def progress(self, job_id: str) -> tuple[int, int, str, dict[str, Any]] | None:
-        return self.progress_of.get(job_id)
+    def progress(self, call_id: str) -> tuple[int, int, str, dict[str, Any]] | None:
+        return self.progress_of.get(call_id)
 
     def inspect(self) -> dict[str, Any]:
-        return inspect_model(self.session.holder)
+        return {**inspect_model(self.session.holder), "name": self.name,
+                "cancels_received": self.cancels_received}
 
 
 # --- the pool -------------------------------------------------------------------------------------
@@ -354,18 +364,19 @@ class RayCompute:
         deaths = 0
         while True:
             slot = self.pool.acquire(cancel)
-            ref = getattr(slot.handle, method).remote(job_id, plan)
+            call_id = new_call_id(job_id)
+            ref = getattr(slot.handle, method).remote(call_id, job_id, plan)
             forwarded = False
             try:
                 while True:
                     if cancel.cancelled and not forwarded:
-                        slot.handle.cancel.remote(job_id)
+                        slot.handle.cancel.remote(call_id)
                         forwarded = True
                     done, _ = ray.wait([ref], timeout=PROGRESS_POLL_S if not cancel.cancelled else WAIT_S)
                     if done:
                         return ray.get(ref)
                     try:
-                        latest = ray.get(slot.handle.progress.remote(job_id), timeout=PROGRESS_POLL_S)
+                        latest = ray.get(slot.handle.progress.remote(call_id), timeout=PROGRESS_POLL_S)
                     except Exception:  # noqa: BLE001 - the call's own result tells what happened
                         latest = None
                     if latest is not None:
@@ -387,10 +398,16 @@ class RayCompute:
                     self.pool.release(slot)
 
 
+def new_call_id(job_id: str) -> str:
+    """A unique id for one call on an actor (what a cancel names)."""
+    return f"{job_id}:{uuid.uuid4().hex[:12]}"
+
+
 @dataclass
 class _Running:
     slot: ActorSlot
     request: TrialRequest
+    call_id: str
     deaths: int = 0
 
 
@@ -413,8 +430,9 @@ class RayTrials:
 
     def submit(self, request: TrialRequest, deaths: int = 0) -> None:
         slot = self.reserved.pop()
-        ref = slot.handle.trial.remote(self.job_id, request)
-        self.running[ref] = _Running(slot, request, deaths)
+        call_id = new_call_id(self.job_id)
+        ref = slot.handle.trial.remote(call_id, self.job_id, request)
+        self.running[ref] = _Running(slot, request, call_id, deaths)
 
     def wait(self, cancel: CancelToken | None) -> tuple[TrialRequest, TrialOutcome]:
         import ray
@@ -457,8 +475,8 @@ class RayTrials:
         restored, and its actor is free again."""
         import ray
 
-        for ref, running in self.running.items():
-            running.slot.handle.cancel.remote(self.job_id)
+        for running in self.running.values():
+            running.slot.handle.cancel.remote(running.call_id)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for ref, running in list(self.running.items()):
             try:

@@ -156,3 +156,23 @@ def tiny_session_factory(tiny_workspace: Path):  # type: ignore[no-untyped-def]
         return EvalSession(workspace, holder, artifacts)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():  # type: ignore[no-untyped-def]
+    """One local Ray cluster for the whole test session (2 CPUs, no dashboard, a 200 MB object
+    store), started only if a test asks for it; teardown checks no Ray process is left."""
+    from tests.ray_helpers import ray_cluster as start
+
+    with start() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["embedded", "ray"])
+def executor_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Settings that pick the executor: the embedded worker process, or two model actors on
+    the session's Ray cluster (one torch thread each)."""
+    if request.param == "embedded":
+        return {"executor": "embedded"}
+    cluster = request.getfixturevalue("ray_cluster")
+    return {"executor": "ray", "ray_address": cluster.address, "ray_workers": 2, "worker_threads": 1}
