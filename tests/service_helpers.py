@@ -69,9 +69,10 @@ def thread_server(settings: Any) -> Iterator[tuple[httpx.Client, Any]]:
         thread.join(timeout=10)
 
 
-def start_process_server(workspace: Path, artifacts: Path, port: int) -> subprocess.Popen[bytes]:
+def start_process_server(workspace: Path, artifacts: Path, port: int,
+                         env_more: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "LORA_MERGE_WORKSPACE": str(workspace),
-           "LORA_MERGE_ARTIFACTS_DIR": str(artifacts), "HF_HUB_OFFLINE": "1"}
+           "LORA_MERGE_ARTIFACTS_DIR": str(artifacts), "HF_HUB_OFFLINE": "1", **(env_more or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env,
         stdout=subprocess.DEVNULL, stderr=open(artifacts.parent / f"server-{port}.log", "ab"),

@@ -78,7 +78,10 @@ def test_a_killed_worker_comes_back_and_the_sweep_finishes(settings: Settings) -
         assert worker.inspect()["pristine"]
 
 
-def test_a_graceful_stop_requeues_the_job_and_the_next_start_resumes_it(settings: Settings) -> None:
+def test_a_graceful_stop_requeues_the_job_and_the_next_start_resumes_it(
+    tiny_workspace: Path, tmp_path: Path, executor_settings: dict[str, object],
+) -> None:
+    settings = Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "artifacts", **executor_settings)
     with thread_server(settings) as (client, _):
         job_id = client.post("/sweeps", json=SWEEP).json()["id"]
         _wait_done(client, job_id, 3)
