@@ -2,7 +2,8 @@
 
 A proposer hands out `Proposal`s for trial indices in order. `propose(n, pending)` returns up
 to `n` proposals after the `pending` ones (proposed, not yet observed); `observe(trials)` feeds
-back finished trials, resumed ones included, in index order. Every proposal is a function of
+back finished trials, resumed ones included: as they finish where `observes_out_of_order`
+(grid, bayes), else in index order. Every proposal is a function of
 its index and of what was observed before it, so a resumed sweep proposes exactly what the
 interrupted one would have (Sobol points are drawn from the seed; the GP's acquisition is
 seeded per index).
@@ -59,6 +60,8 @@ class Proposal:
 
 class Proposer(Protocol):
     total: int
+    # Whether finished trials may be observed as they finish (else in index order only).
+    observes_out_of_order: bool
 
     def propose(self, n: int, pending: Sequence[Proposal] = ()) -> list[Proposal]: ...
 
@@ -70,6 +73,8 @@ def _key(point: dict[str, Any]) -> str:
 
 
 class GridProposer:
+    observes_out_of_order = True
+
     def __init__(self, search: SearchConfig, warm: Sequence[dict[str, Any]]) -> None:
         self.points = grid_points(search)
         self.total = len(self.points)
@@ -90,6 +95,8 @@ class GridProposer:
 
 
 class BayesProposer:
+    observes_out_of_order = True  # the GP sees every finished trial at once
+
     def __init__(self, search: SearchConfig, dimensions: Sequence[Dimension],
                  warm: Sequence[dict[str, Any]]) -> None:
         self.search = search
@@ -124,7 +131,9 @@ class BayesProposer:
             proposal = Proposal(index, self._point(self.sobol[index]), "sobol")
             queued.append(proposal)
             proposals.append(proposal)
-        batch = [i for i in indices if i >= len(self.sobol)]
+        # GP points need an observation to model: none yet (every Sobol point still running),
+        # they wait for the first result.
+        batch = [i for i in indices if i >= len(self.sobol)] if self.observations else []
         if batch:
             units = suggest_batch(
                 [self._unit(o["point"]) for o in self.observations],
@@ -150,6 +159,8 @@ class SuccessiveHalvingProposer:
     """Successive halving over Sobol/GP candidates (`search.multi_fidelity`; see the module
     docstring). Trial `index` falls in bracket `index // bracket_size`; within a bracket the
     rungs follow each other, smallest fidelity first."""
+
+    observes_out_of_order = False  # brackets and rungs are slices of the trials in index order
 
     def __init__(self, search: SearchConfig, dimensions: Sequence[Dimension],
                  warm: Sequence[dict[str, Any]]) -> None:

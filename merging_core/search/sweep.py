@@ -423,8 +423,9 @@ class Sweep:
         """Run or resume; `on_trial` sees every trial once it is on disk (resumed ones too).
 
         Trials are proposed in index order, as many at a time as the runner has room for (the
-        others in flight are the proposer's pending points), and observed in index order: a
-        trial that finishes before an earlier one waits, recorded, for it. A resumed sweep
+        others in flight are the proposer's pending points). A finished trial is recorded at
+        once and observed as it finishes (grid, bayes) or in index order (successive halving);
+        it is reported (progress, `on_trial`) in index order. A resumed sweep
         reads every trial file back; an index with none is proposed again."""
         search = self.plan.search
         warm, skipped = ([], [])
@@ -437,6 +438,7 @@ class Sweep:
         trials: list[Trial] = []  # observed, in index order
         pending: list[Proposal] = []  # proposed, not observed yet, in index order
         finished: dict[int, Trial] = {}  # recorded, waiting for an earlier trial
+        observed: set[int] = set()  # fed to the proposer
         running: dict[int, Proposal] = {}
         computed: set[int] = set()  # computed by this run (not resumed, not reused)
         next_index = resumed = 0
@@ -445,38 +447,19 @@ class Sweep:
         while len(trials) < self.total:
             check(cancel)
             moved = False
-            room = self.runner.capacity(len(running), cancel) if next_index < self.total else 0
-            while next_index < self.total:
-                if next_index in on_disk:  # resumed: known, observed in its turn
-                    trial = on_disk.pop(next_index)
-                    pending.append(Proposal(trial.index, trial.point, trial.source, fidelity=trial.fidelity,
-                                            promoted_from=trial.promoted_from))
-                    finished[trial.index] = trial
-                    next_index += 1
-                    resumed += 1
-                    continue
-                gap = next((i for i in range(next_index, self.total) if i in on_disk), self.total)
-                wanted = min(room, gap - next_index)
-                proposals = proposer.propose(wanted, pending) if wanted > 0 else []
-                if not proposals:
-                    break
-                for proposal in proposals:
-                    assert proposal.index == next_index, "proposals come in index order"
-                    pending.append(proposal)
-                    next_index += 1
-                    if proposal.reuse is not None:
-                        finished[proposal.index] = self._reused(proposal)
-                    else:
-                        self.runner.submit(self._request(proposal))
-                        running[proposal.index] = proposal
-                        room -= 1
-                moved = True
-            while len(trials) in finished:  # observe in index order
+            if proposer.observes_out_of_order:  # every finished trial, as it finishes
+                for index in sorted(set(finished) - observed):
+                    pending.remove(next(p for p in pending if p.index == index))
+                    proposer.observe([finished[index]])
+                    observed.add(index)
+            while len(trials) in finished:  # report (and else observe) in index order
                 trial = finished.pop(len(trials))
-                assert pending[0].index == trial.index
-                pending.pop(0)
+                if trial.index not in observed:
+                    assert pending[0].index == trial.index
+                    pending.pop(0)
+                    proposer.observe([trial])
+                    observed.add(trial.index)
                 trials.append(trial)
-                proposer.observe([trial])
                 moved = True
                 if on_trial is not None:
                     on_trial(trial)
@@ -495,6 +478,33 @@ class Sweep:
                     summary_written = time.monotonic()
             if len(trials) >= self.total:
                 break
+            room = self.runner.capacity(len(running), cancel) if next_index < self.total else 0
+            while next_index < self.total:
+                if next_index in on_disk:  # resumed: observed before anything after it is proposed
+                    trial = on_disk.pop(next_index)
+                    pending.append(Proposal(trial.index, trial.point, trial.source, fidelity=trial.fidelity,
+                                            promoted_from=trial.promoted_from))
+                    finished[trial.index] = trial
+                    next_index += 1
+                    resumed += 1
+                    moved = True
+                    break
+                gap = next((i for i in range(next_index, self.total) if i in on_disk), self.total)
+                wanted = min(room, gap - next_index)
+                proposals = proposer.propose(wanted, pending) if wanted > 0 else []
+                if not proposals:
+                    break
+                for proposal in proposals:
+                    assert proposal.index == next_index, "proposals come in index order"
+                    pending.append(proposal)
+                    next_index += 1
+                    if proposal.reuse is not None:
+                        finished[proposal.index] = self._reused(proposal)
+                    else:
+                        self.runner.submit(self._request(proposal))
+                        running[proposal.index] = proposal
+                        room -= 1
+                moved = True
             if not running:
                 if moved:
                     continue
