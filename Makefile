@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install serve test bench browser speech-data postgres clean
+.PHONY: install serve test bench browser speech-data postgres compose clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ speech-data:
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
 
-test: $(STAMP) browser speech-data postgres
+# tests/test_docker_compose.py runs `docker-compose config` on docker/compose.yaml (no daemon needed).
+compose:
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q --no-install-recommends docker-compose; }
+
+test: $(STAMP) browser speech-data postgres compose
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)

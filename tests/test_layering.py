@@ -39,6 +39,7 @@ LAYERS: dict[str, Layers] = {
         ("crud",),
         ("worker",),
         ("worker_process",),
+        ("ray_executor",),
         ("service",),
         ("submit",),
         ("api",),

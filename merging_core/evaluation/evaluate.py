@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from merging_core.adapters import AdapterCache, LoraAdapter, load_adapter
 from merging_core.config.schema import EvalSubsetConfig
@@ -60,6 +61,7 @@ from merging_core.runtime.io import atomic_write_json
 from merging_core.runtime.paths import RUN_METADATA_FILE, cached_metrics_file
 
 log = logging.getLogger(__name__)
+CACHE_LOCK_TIMEOUT_S = 3600  # another worker computing the same reference metrics
 
 __all__ = ["EvalSession", "EvaluationResult", "TaskResult", "interference_delta", "normalized_score",
            "subset_namespace"]
@@ -307,13 +309,16 @@ class EvalSession:
     ) -> EvalMetrics:
         namespace = subset_namespace(subset)
         path = cached_metrics_file(self.root, task, split, namespace, kind)
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return EvalMetrics.from_dict(cached["metrics"])
-        metrics = self.evaluate_output(output, [task], split, subset, cancel=cancel)[task]
-        atomic_write_json(path, {"task": task, "split": split, "subset": namespace, "kind": kind,
-                                 "key": key, "metrics": metrics.to_dict()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Under a file lock: workers sharing the artifacts (Ray actors) compute each once.
+        with FileLock(str(path) + ".lock", timeout=CACHE_LOCK_TIMEOUT_S):
+            if path.is_file():
+                cached = json.loads(path.read_text())
+                if cached.get("key") == key:
+                    return EvalMetrics.from_dict(cached["metrics"])
+            metrics = self.evaluate_output(output, [task], split, subset, cancel=cancel)[task]
+            atomic_write_json(path, {"task": task, "split": split, "subset": namespace, "kind": kind,
+                                     "key": key, "metrics": metrics.to_dict()})
         return metrics
 
     def reference(
