@@ -51,6 +51,13 @@ class NotReady(ServiceError):
     status, title = 503, "Model not loaded yet"
 
 
+class WorkerDied(ServiceError):
+    """The workers (Ray actors) running a job's work died too often: killed, out of memory,
+    or their node lost. A job's error, never an HTTP answer."""
+
+    status, title = 500, "Worker died"
+
+
 def error_payload(exc: BaseException) -> dict[str, Any]:
     """The structured `error` of a failed job."""
     if isinstance(exc, ServiceError):

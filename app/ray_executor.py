@@ -43,6 +43,7 @@ from typing import Any
 from sqlalchemy.orm import sessionmaker
 
 from app import crud
+from app.errors import WorkerDied
 from app.settings import Settings
 from app.worker import (
     ComputedMerge,
@@ -55,7 +56,7 @@ from app.worker import (
 from app.worker_process import POLL_S, STOP_TIMEOUT_S, WorkerState, inspect_model, model_name
 from merging_core.adapters import AdapterCache
 from merging_core.engine.plan import MergePlan
-from merging_core.errors import Cancelled, MergeError
+from merging_core.errors import Cancelled
 from merging_core.evaluation.results import EvaluationResult
 from merging_core.evaluation.workspace import Workspace, load_workspace
 from merging_core.evaluation.writer import EvalWriter, IndexListener
@@ -68,10 +69,6 @@ PROGRESS_POLL_S = 1.0  # a merge's or evaluation's progress is read from its act
 WAIT_S = 0.2  # waits on actors wake this often to look at cancel tokens
 MAX_ACTOR_DEATHS = 3  # deaths of the actor running a trial or job before it fails
 ACTOR_CONCURRENCY = 4  # one call computes; the others are cancel, progress, info
-
-
-class WorkerDied(MergeError):
-    """The actors running a job's work died too often (killed, out of memory, node lost)."""
 
 
 # --- the actor ----------------------------------------------------------------------------------
@@ -554,12 +551,7 @@ class RayExecutor:
         self._shutdown_ray()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.state.ready and self.state.error is None:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        return self.state.ready
+        return self.state.wait_ready(timeout)
 
     def inspect(self, index: int = 0, timeout: float = 30.0) -> dict[str, Any]:
         """An actor's resident model state (see `inspect_model`)."""
@@ -650,4 +642,4 @@ class RayExecutor:
             ray.shutdown()
 
 
-__all__ = ["ActorPool", "ModelActor", "RayCompute", "RayExecutor", "RayTrials", "WorkerDied"]
+__all__ = ["ActorPool", "ModelActor", "RayCompute", "RayExecutor", "RayTrials"]

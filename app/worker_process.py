@@ -216,6 +216,15 @@ class WorkerState:
     info: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until a model is resident (True) or it could not load or time ran out (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready and self.error is None:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return self.ready
+
 
 class ProcessExecutor:
     """Starts and supervises the worker process; the `Executor` of the embedded service."""
@@ -263,12 +272,7 @@ class ProcessExecutor:
     # --- for checks ----------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.state.ready and self.state.error is None:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        return self.state.ready
+        return self.state.wait_ready(timeout)
 
     def inspect(self, timeout: float = 30.0) -> dict[str, Any]:
         """The resident model's state (see `inspect_model`), from the worker."""
