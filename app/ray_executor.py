@@ -252,6 +252,8 @@ class ActorPool:
                 while True:
                     if self.closed or (cancel is not None and cancel.cancelled):
                         raise Cancelled("cancelled while waiting for an actor")
+                    if all(slot.dead for slot in self.slots):  # every actor failed to load
+                        raise WorkerDied(f"no model actor is running: {self.state.error}")
                     slot = self._idle()
                     if slot is not None:
                         return slot
