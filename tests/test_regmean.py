@@ -1,6 +1,7 @@
 """RegMean on LoRA: the exact factor form against the dense closed form, the ridge for singular
 Gram sums, saving, Gram collection on a causal-LM task (prompt positions only), the Gram cache,
-refusals, and a merge with evaluation through the real service."""
+refusals, RegMean++ (each layer's Grams through the merged earlier layers), and a merge with
+evaluation through the real service."""
 
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class FakeGrams:
 
     def describe(self) -> dict[str, Any]:
         return {"fake": True}
+
+    def prepare(self, merged_delta: Any) -> None:
+        pass
 
 
 @pytest.mark.parametrize("alpha, lam", [(1.0, 1.0), (0.9, 1.0), (0.3, 0.7)])
@@ -272,6 +276,48 @@ def test_run_merge_saves_an_adapter_with_the_in_memory_logits(lm_session: EvalSe
     assert all(torch.equal(before[k], v) for k, v in session.holder.weights_fingerprint().items())
 
 
+def test_regmean_plus_takes_each_layer_through_the_merged_earlier_layers(lm_session: EvalSession) -> None:
+    """RegMean++ on the two-layer Llama: layer 0 is solved exactly as plain RegMean solves it (its
+    inputs do not depend on the merge); a layer-1 module is solved with Grams of its inputs with
+    layer 0 merged and the task's own adapter on layer 1, captured one unpadded prompt at a time
+    (1e-5); the run metadata says so; the model is left as it was."""
+    session, holder = lm_session, lm_session.holder
+    before = holder.weights_fingerprint()
+    config = {"adapters": ["pick", "echo"], "method": "regmean", "method_params": PARAMS}
+    plain = prepare_merge(config, task_registry=session.workspace.task_registry(), session=session)
+    seen: list[str] = []
+    plus = prepare_merge({**config, "method_params": {**PARAMS, "plus": True}},
+                         task_registry=session.workspace.task_registry(), session=session,
+                         progress=lambda done, total, message, extra: seen.append(message))
+    assert any(m.startswith("regmean++ grams, layer 2/2, echo") for m in seen)
+    described = plus.method_summary()["grams"]
+    assert described["plus"] and described["layers"] == 2 and described["tasks"]["pick"]["rows"] == 8
+    first = [m for m in plus.modules if ".layers.0." in m]
+    assert first and all(
+        _relative_error(plus.delta(m), plain.delta(m)) <= 1e-12 for m in first)
+    later = [m for m in plus.modules if ".layers.1." in m]
+    expected_grams = []
+    for task in ("pick", "echo"):
+        own = session.task_output(task)
+        applied = {m: plus.delta(m) for m in first} | {m: own.delta(m) for m in later}
+        texts = session.split_data(task, "train").texts
+        captured: list[torch.Tensor] = []
+        gram = torch.zeros(32, 32, dtype=torch.float64)
+        with holder.deltas_applied(list(applied), applied.__getitem__, False), holder.inputs_seen(
+                {MODULE: lambda x: captured.append(x.detach().clone())}), torch.inference_mode():
+            for index in select_rows(len(texts), 8, 3):
+                ids = prompt_token_ids(holder.tokenizer, session.workspace.task(task), texts[index])
+                holder.model(input_ids=torch.tensor([ids]))
+                rows = captured.pop().reshape(-1, 32).double()
+                gram += rows.T @ rows
+        expected_grams.append(gram)
+    sources = [plus.adapters[i].modules[MODULE] for i in range(2)]
+    expected = regmean([(s.lora_B, s.lora_A, s.scaling) for s in sources], expected_grams, alpha=0.9, lam=1.0)
+    assert _relative_error(plus.delta(MODULE), expected.lora_B.double() @ expected.lora_A.double()) <= 1e-5
+    assert _relative_error(plus.delta(MODULE), plain.delta(MODULE)) > 1e-3  # the merged layer 0 matters
+    assert all(torch.equal(before[k], v) for k, v in holder.weights_fingerprint().items())
+
+
 def test_regmean_is_refused_without_the_resident_model_or_a_workspace_task(
         lm_session: EvalSession, adapters: dict[str, Path]) -> None:
     registry = lm_session.workspace.task_registry()
@@ -290,24 +336,27 @@ def test_regmean_is_refused_without_the_resident_model_or_a_workspace_task(
 
 
 def test_regmean_through_the_service(tiny_workspace: Path, tmp_path: Path) -> None:
-    """POST /merges with regmean on the classification workspace (each task's head on during
-    collection), with evaluation: succeeded, and the run metadata shows the Grams."""
+    """POST /merges with regmean and with RegMean++ on the classification workspace (each task's
+    head on during collection), with evaluation: succeeded, and the run metadata shows the Grams."""
     from app.settings import Settings
     from tests.service_helpers import thread_server, wait_job
 
     with thread_server(Settings(workspace=tiny_workspace, artifacts_dir=tmp_path / "artifacts")) as (client, _):
-        answer = client.post("/merges", json={
-            "adapters": ["topic", "mood"], "method": "regmean", "save_merged": True,
-            "method_params": {"samples_per_task": 16, "alpha": 0.8}, "eval_tasks": ["topic", "mood"]})
-        assert answer.status_code == 202, answer.text
-        done = wait_job(client, answer.json()["id"])
-        assert done["status"] == "succeeded", done["error"]
-        assert set(done["result"]["evaluation"]["metrics"]) == {"topic", "mood"}
-        metadata = json.loads((Path(done["result"]["run_dir"]) / RUN_METADATA_FILE).read_text())
-        grams = metadata["method_summary"]["grams"]
-        assert grams["samples_per_task"] == 16 and grams["split"] == "train"
-        assert all(t["rows"] == 16 and t["tokens"] > 16 for t in grams["tasks"].values())
-        assert metadata["saved"]["exact"] and metadata["params"]["alpha"] == 0.8
+        for plus in (False, True):
+            answer = client.post("/merges", json={
+                "adapters": ["topic", "mood"], "method": "regmean", "save_merged": True,
+                "method_params": {"samples_per_task": 16, "alpha": 0.8, "plus": plus},
+                "eval_tasks": ["topic", "mood"]})
+            assert answer.status_code == 202, answer.text
+            done = wait_job(client, answer.json()["id"])
+            assert done["status"] == "succeeded", done["error"]
+            assert set(done["result"]["evaluation"]["metrics"]) == {"topic", "mood"}
+            metadata = json.loads((Path(done["result"]["run_dir"]) / RUN_METADATA_FILE).read_text())
+            grams = metadata["method_summary"]["grams"]
+            assert grams["samples_per_task"] == 16 and grams["split"] == "train"
+            assert grams.get("plus", False) is plus and metadata["params"]["plus"] is plus
+            assert all(t["rows"] == 16 and t["tokens"] > 16 for t in grams["tasks"].values())
+            assert metadata["saved"]["exact"] and metadata["params"]["alpha"] == 0.8
         refused = client.post("/merges", json={"adapters": ["topic", "mood"], "method": "regmean",
                                                "method_params": {"alpha": 2}})
         assert refused.status_code == 422 and "'alpha'" in refused.text

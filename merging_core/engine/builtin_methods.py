@@ -211,6 +211,8 @@ BUILTIN_METHODS = (
             ParamSpec("split", ParamKind.STRING, "the split whose inputs (labels unused) are used",
                       "train"),
             ParamSpec("seed", ParamKind.INT, "seed of the choice of inputs", 0, 0),
+            ParamSpec("plus", ParamKind.BOOL, "RegMean++: each layer's Grams taken through the merge's own "
+                      "earlier layers (one partial forward pass per layer and task; not cached)", False),
         ),
         space="grams",
         merge_in_memory=_regmean,

@@ -5,14 +5,16 @@ merged deltas of the whole model. Consumers (saving, the model holder, tests) pu
 at a time, so peak memory stays at a few dense modules however large the model is.
 
 A data-aware method (space "grams", e.g. RegMean) also gets a `GramSource`: each adapter's Gram
-matrix of a module's inputs, read one module at a time. Its results are LoRA factors (no dense
+matrix of a module's inputs, read one module at a time. A source whose Grams depend on the merge
+itself (RegMean++: inputs through the merged earlier layers) is `prepare`d with the merge's own
+`delta` before any module is solved. Its results are LoRA factors (no dense
 delta), kept once solved, so evaluating and saving the merge solve each module once.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +74,13 @@ class GramSource(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """What the run metadata shows about the Grams (settings, cache keys, token counts)."""
+        ...
+
+    def prepare(self, merged_delta: Callable[[str], torch.Tensor]) -> None:
+        """Called once the merge exists, before any module is solved. A source whose Grams are
+        taken through the merge's own earlier layers (RegMean++) collects them now, asking
+        `merged_delta(module)` (which solves that module) for the layers before each one; a
+        source of fixed Grams does nothing."""
         ...
 
 

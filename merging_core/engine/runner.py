@@ -3,8 +3,8 @@
 `execute(plan, session)` is the one place a merge is carried out (CLI, service and notebooks
 all end here). Order: load the planned adapters (cached) -> the optimizer sets the lambda
 policy (AdaMerging on the session's resident model) -> a data-aware method's Grams from the
-session (RegMean; collected on the resident model or read from their cache) and its per-module
-solves -> the in-memory merge (`load_merge`) -> optionally save, into a hidden temp dir
+session (RegMean; collected on the resident model or read from their cache; RegMean++ collects
+them layer by layer through the merge's own earlier layers) and its per-module solves -> the in-memory merge (`load_merge`) -> optionally save, into a hidden temp dir
 (`stage_merge`) -> always write the run bundle and rename it into place (`publish_merge`), so a
 failed or cancelled merge leaves no partial run directory. Staging and publishing are apart so
 that a worker (e.g. a Ray actor) can compute and save while the process that owns the
@@ -128,6 +128,7 @@ def load_merge(
         grams=grams,
     )
     if grams is not None:
+        grams.prepare(output.delta)
         # Solved now (and kept: the factors are LoRA-sized), so the run metadata shows what
         # every solve needed and evaluating and saving reuse the solves.
         for done, module in enumerate(output.modules, start=1):

@@ -37,6 +37,7 @@ from merging_core.evaluation.grams import (
     CachedGrams,
     GramJob,
     GramSettings,
+    SequentialGrams,
     gather_grams,
     gram_key,
     select_rows,
@@ -228,11 +229,12 @@ class EvalSession:
         params: Mapping[str, Any],
         cancel: CancelToken | None = None,
         progress: Progress | None = None,
-    ) -> CachedGrams:
+    ) -> CachedGrams | SequentialGrams:
         """Each adapter's Gram matrices of its modules' inputs, on its task's inputs with its own
         adapter applied (`samples_per_task`, `split` and `seed` from `params`): read from the
-        cache, or collected on the resident model now and cached. Each adapter must be a
-        workspace task (its data is the task's)."""
+        cache, or collected on the resident model now and cached. With `plus` (RegMean++), taken
+        through the merge's own earlier layers when the merge prepares them, and not cached.
+        Each adapter must be a workspace task (its data is the task's)."""
         settings = GramSettings(samples_per_task=int(params["samples_per_task"]),
                                 split=str(params["split"]), seed=int(params["seed"]))
         jobs = []
@@ -259,6 +261,9 @@ class EvalSession:
                            data_checksum=data.checksum(), task=config, settings=settings)
             jobs.append(GramJob(task=adapter.name, config=config, adapter=adapter,
                                 texts=[data.texts[i] for i in rows], key=key))
+        if params.get("plus", False):
+            return SequentialGrams(self.holder, jobs, self.head, settings, modules, cancel=cancel,
+                                   progress=progress)
         return gather_grams(self.holder, self.root, jobs, self.head, settings, cancel=cancel,
                             progress=progress)
 

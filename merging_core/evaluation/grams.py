@@ -15,6 +15,14 @@ base model and dtype, the adapter's weights, the split's data, the task's settin
 `samples_per_task`, `seed` and `split`. A manifest written last marks a key complete, so a
 second run reads the files instead of collecting again. Merging reads one module's Grams at a
 time (`CachedGrams.grams`).
+
+RegMean++ (`plus`; Nguyen et al. 2025, "RegMean++: Enhancing Effectiveness and Generalization
+of Regression Mean for Model Merging") takes each layer's Grams through the merge's own earlier
+layers: layer by layer, in forward order, each task's inputs run through the model with every
+earlier layer merged (solved already) and the task's own adapter on the layer being collected,
+and the forward pass stops once that layer's modules have seen their inputs. Those Grams depend
+on every adapter and on the merge's parameters, so they are not cached (`SequentialGrams`); a
+merge costs one partial forward pass per layer and task.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from merging_core.adapters import LoraAdapter
+from merging_core.adapters import LayerKey, LoraAdapter, layer_keys
 from merging_core.adapters.loading import WEIGHTS_FILE
 from merging_core.engine.merge import MergeOutput
 from merging_core.errors import EvaluationError
@@ -87,6 +95,9 @@ class CachedGrams:
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self.settings), "tasks": {entry.task: asdict(entry) for entry in self.tasks}}
+
+    def prepare(self, merged_delta: Callable[[str], torch.Tensor]) -> None:
+        """Fixed Grams: nothing to do before solving."""
 
 
 def select_rows(n_rows: int, samples: int, seed: int) -> list[int]:
@@ -167,6 +178,19 @@ class GramAccumulator:
         return observe
 
 
+@dataclass(frozen=True)
+class MergedLayers:
+    """Modules whose merged delta is applied while a task's Grams are collected (RegMean++: every
+    layer before the observed one); `delta(module)` gives it."""
+
+    modules: tuple[str, ...]
+    delta: Callable[[str], torch.Tensor]
+
+
+class _AllInputsSeen(Exception):
+    """Raised from an observer to end a forward pass once every observed module saw its input."""
+
+
 def collect_grams(
     holder: ModelHolder,
     task: TaskConfig,
@@ -175,12 +199,17 @@ def collect_grams(
     texts: Sequence[str],
     modules: Sequence[str],
     *,
+    merged: MergedLayers | None = None,
     cancel: CancelToken | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The raw Grams of `modules`' inputs over `texts` with `adapter` applied and `head` on, in
     one pass (all modules at once); returns them and the number of counted tokens.
-    `on_batch(done, total)` is called after each batch; `cancel` is checked before each."""
+
+    With `merged`, only `modules` carry the adapter's own delta, `merged.modules` carry the
+    merged one, and each forward pass ends once every observed module has seen its input (a
+    module called twice in one pass counts its calls up to then). `on_batch(done, total)` is
+    called after each batch; `cancel` is checked before each."""
     accumulator = GramAccumulator()
     batches = length_sorted_batches(texts, task.batch_size)
     tokens = 0
@@ -194,14 +223,41 @@ def collect_grams(
         if (output_layer is not None and id(output_layer) not in observed
                 and "logits_to_keep" in inspect.signature(model.forward).parameters):
             extra["logits_to_keep"] = 1  # the logits are not needed; skip most of the output layer
-    with (holder.applied(MergeOutput.single(adapter), cancel), holder.head(head),
-          holder.inputs_seen({m: accumulator.observer(m) for m in modules}), torch.inference_mode()):
+    seen: set[str] = set()
+
+    def observer(module: str) -> Callable[[torch.Tensor], None]:
+        accumulate = accumulator.observer(module)
+        if merged is None:
+            return accumulate
+
+        def observe(x: torch.Tensor) -> None:
+            accumulate(x)
+            seen.add(module)
+            if len(seen) == len(modules):
+                raise _AllInputsSeen
+
+        return observe
+
+    if merged is None:
+        weights = holder.applied(MergeOutput.single(adapter), cancel)
+    else:
+        own = MergeOutput.single(adapter)
+        before = set(merged.modules)
+        weights = holder.deltas_applied(
+            [*merged.modules, *modules], lambda m: merged.delta(m) if m in before else own.delta(m),
+            adapter.fan_in_fan_out, cancel)
+    with (weights, holder.head(head), holder.inputs_seen({m: observer(m) for m in modules}),
+          torch.inference_mode()):
         for done, batch in enumerate(batches, start=1):
             check(cancel)
             encoded = right_padded(holder.tokenizer, task, [texts[i] for i in batch], holder.device)
             accumulator.start_batch(encoded["attention_mask"])
+            seen.clear()
             tokens += int(encoded["attention_mask"].sum())
-            model(**encoded, **extra)
+            try:
+                model(**encoded, **extra)
+            except _AllInputsSeen:
+                pass
             if on_batch is not None:
                 on_batch(done, len(batches))
     missing = sorted(set(modules) - set(accumulator.grams))
@@ -287,3 +343,84 @@ def gather_grams(
                  len(job.texts), tokens, len(grams), seconds)
         del grams
     return CachedGrams(root, [entries[job.task] for job in jobs], settings, holder.device)
+
+
+def _forward_order(key: LayerKey | None) -> tuple[int, int]:
+    """Sort key of a layer: a single stack's layers by index, an encoder's before a decoder's,
+    modules outside any numbered layer last."""
+    if key is None:
+        return (3, 0)
+    if isinstance(key, int):
+        return (0, key)
+    stack, index = key.split(".")
+    return (1 if stack == "encoder" else 2, int(index))
+
+
+def layer_groups(modules: Sequence[str]) -> list[list[str]]:
+    """The modules grouped by transformer layer, in forward order."""
+    keys = layer_keys(modules)
+    groups: dict[LayerKey | None, list[str]] = {}
+    for module in modules:
+        groups.setdefault(keys[module], []).append(module)
+    return [sorted(groups[key]) for key in sorted(groups, key=_forward_order)]
+
+
+class SequentialGrams:
+    """RegMean++'s Grams (a `merging_core.engine.merge.GramSource`): collected in `prepare`, layer
+    by layer, each through the merge's own earlier layers, and held in memory until the merge
+    solves their module (at most about two layers' worth at a time). Not cached: they depend on
+    every adapter and on the merge's parameters."""
+
+    def __init__(self, holder: ModelHolder, jobs: Sequence[GramJob],
+                 heads: Callable[[str], Mapping[str, torch.Tensor]], settings: GramSettings,
+                 modules: Sequence[str], *, cancel: CancelToken | None = None,
+                 progress: Progress | None = None) -> None:
+        self.holder, self.jobs, self.heads, self.settings = holder, list(jobs), heads, settings
+        self.groups = layer_groups(modules)
+        self.cancel, self.progress = cancel, progress
+        self.prepared = False
+        self._grams: dict[str, list[torch.Tensor]] = {}
+        self._tasks = {job.task: TaskGrams(task=job.task, key="", rows=len(job.texts), tokens=0, cached=False,
+                                           seconds=0.0) for job in self.jobs}
+
+    def prepare(self, merged_delta: Callable[[str], torch.Tensor]) -> None:
+        if self.prepared:
+            return
+        per_pass = {job.task: len(length_sorted_batches(job.texts, job.config.batch_size)) for job in self.jobs}
+        total = len(self.groups) * sum(per_pass.values())
+        done_before = 0
+        for number, group in enumerate(self.groups):
+            earlier = MergedLayers(tuple(m for g in self.groups[:number] for m in g), merged_delta)
+            collected = []
+            for job in self.jobs:
+                started = time.perf_counter()
+
+                def on_batch(done: int, batches: int, task: str = job.task, offset: int = done_before,
+                             layer: int = number + 1) -> None:
+                    report(self.progress, offset + done, total,
+                           f"regmean++ grams, layer {layer}/{len(self.groups)}, {task}: batch {done}/{batches}")
+
+                grams, tokens = collect_grams(self.holder, job.config, job.adapter, self.heads(job.task), job.texts,
+                                              group, merged=earlier, cancel=self.cancel, on_batch=on_batch)
+                entry = self._tasks[job.task]
+                self._tasks[job.task] = TaskGrams(
+                    task=job.task, key="", rows=entry.rows, tokens=tokens, cached=False,
+                    seconds=round(entry.seconds + time.perf_counter() - started, 4))
+                collected.append(grams)
+                done_before += per_pass[job.task]
+            for module in group:
+                self._grams[module] = [grams[module] for grams in collected]
+        self.prepared = True
+        log.info("regmean++ grams of %s: %d layers in %.2f s", ", ".join(self._tasks), len(self.groups),
+                 sum(entry.seconds for entry in self._tasks.values()))
+
+    def grams(self, module: str) -> list[torch.Tensor]:
+        if module not in self._grams:  # (while preparing, an earlier layer's are there already)
+            if not self.prepared:
+                raise EvaluationError("RegMean++ Grams are collected by prepare(merged_delta) before any solve")
+            raise EvaluationError(f"module {module}: its RegMean++ Grams were not collected or were used already")
+        return [gram.to(self.holder.device) for gram in self._grams.pop(module)]
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self.settings), "plus": True, "layers": len(self.groups),
+                "tasks": {task: asdict(entry) for task, entry in self._tasks.items()}}

@@ -3,7 +3,8 @@
 Every change to the resident model goes through a context manager here whose exit undoes it,
 even when the block raises or is cancelled:
 - `applied(output)`: the merged deltas added to the weights in place (`apply`/`restore` keep the
-  original bits of every touched weight);
+  original bits of every touched weight); `deltas_applied(modules, delta)` the same for deltas
+  that are not one merge's (RegMean++: merged earlier layers beside one task's own layer);
 - `head(tensors)`: a task's own head (modules_to_save) swapped in;
 - `hooked(hooks)`: forward hooks on named modules (AdaMerging's factored deltas);
 - `inputs_seen(observers)`: forward pre-hooks that see each named module's input and change
@@ -12,7 +13,7 @@ even when the block raises or is cancelled:
 - `cpu_float32()`: a CPU float32 holder for the block: this holder when it already is one,
   else a second copy loaded from the same path and released afterwards (AdaMerging's
   `force_cpu`).
-`frozen`, `hooked`, `inputs_seen` and `applied` hold the holder's lock, so no other job sees the model changed.
+`frozen`, `hooked`, `inputs_seen`, `applied` and `deltas_applied` hold the holder's lock, so no other job sees the model changed.
 """
 
 from __future__ import annotations
@@ -208,24 +209,29 @@ class ModelHolder:
 
     def apply(self, output: MergeOutput, cancel: CancelToken | None = None) -> None:
         """Add the merged deltas in place; only one merge may be applied at a time."""
+        self.apply_deltas(output.modules, output.delta, output.adapters[0].fan_in_fan_out, cancel)
+
+    def apply_deltas(self, modules: Sequence[str], delta: Callable[[str], torch.Tensor], fan_in_fan_out: bool,
+                     cancel: CancelToken | None = None) -> None:
+        """Add `delta(module)` (out x in, LoRA orientation) to each module's weight in place; only
+        one set of deltas may be applied at a time."""
         if self._saved_weights:
             raise EvaluationError("a merge is already applied; restore() first")
-        transpose = output.adapters[0].fan_in_fan_out
         try:
             with torch.no_grad():
-                for module in output.modules:
+                for module in modules:
                     check(cancel)
                     weight = self._weight(module)
-                    delta = output.delta(module)
-                    if transpose:
-                        delta = delta.T
-                    if delta.shape != weight.shape:
+                    change = delta(module)
+                    if fan_in_fan_out:
+                        change = change.T
+                    if change.shape != weight.shape:
                         raise EvaluationError(
-                            f"module {module}: delta {tuple(delta.shape)} does not fit weight "
+                            f"module {module}: delta {tuple(change.shape)} does not fit weight "
                             f"{tuple(weight.shape)}"
                         )
                     self._saved_weights[module] = weight.detach().clone()
-                    weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+                    weight.add_(change.to(device=weight.device, dtype=weight.dtype))
         except BaseException:
             self.restore()
             raise
@@ -247,6 +253,18 @@ class ModelHolder:
         with self.lock:
             if output is not None:
                 self.apply(output, cancel)
+            try:
+                yield
+            finally:
+                self.restore()
+
+    @contextmanager
+    def deltas_applied(self, modules: Sequence[str], delta: Callable[[str], torch.Tensor], fan_in_fan_out: bool,
+                       cancel: CancelToken | None = None) -> Iterator[None]:
+        """`apply_deltas` for the duration of the block (RegMean++: merged earlier layers beside
+        one task's own later ones)."""
+        with self.lock:
+            self.apply_deltas(modules, delta, fan_in_fan_out, cancel)
             try:
                 yield
             finally:
