@@ -80,9 +80,10 @@ class Profile:
     adamerging: dict  # AdaMerging's params (sized so that a run takes minutes on 2 cores)
     regmean_samples: int  # RegMean's samples_per_task
     regmean_grid: tuple[tuple[float, float], ...]  # (alpha, lambda) pairs RegMean's row chooses from on train
+    regmean_plus_grid: tuple[tuple[float, float], ...]  # the same for RegMean++ (empty: no such row)
     groups: int  # layer groups of the bayes-with-layer-groups row
     group_budget: int  # its trials
-    optional_rows: tuple[str, ...] = ("regmean", "adamerging", "layer_groups")  # what --all adds
+    optional_rows: tuple[str, ...] = ("regmean", "regmean_plus", "adamerging", "layer_groups")  # what --all adds
     mean_column: bool = True  # a mean over the tasks' primary metrics (all accuracies)
 
 
@@ -93,7 +94,8 @@ PROFILES = {
         selection=EvalSubsetConfig(max_samples=300, stratified=True, seed=0),
         lambdas=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2), budget=20,
         base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)",
-        adamerging={"steps": 60}, regmean_samples=256, regmean_grid=((0.9, 1.0),), groups=3, group_budget=40),
+        adamerging={"steps": 60}, regmean_samples=256, regmean_grid=((0.9, 1.0),),
+        regmean_plus_grid=((0.9, 1.0), (1.0, 1.0)), groups=3, group_budget=40),
     "causal": Profile(
         workspace=ROOT / "workspaces/causal/workspace.yaml", tasks=TEXT_TASKS, results=RESULTS_DIR / "causal_results.md",
         marker="causal-results",
@@ -107,6 +109,8 @@ PROFILES = {
         adamerging={"steps": 30, "batch_size": 4, "samples_per_task": 64, "lr": 0.01},
         regmean_samples=128,
         regmean_grid=((0.5, 1.0), (0.7, 1.0), (0.9, 1.0)),
+        # RegMean++ costs about L/2 forward passes per task here (30 layers): --regmean-plus only
+        regmean_plus_grid=((0.9, 1.0),), optional_rows=("regmean", "adamerging", "layer_groups"),
         groups=3, group_budget=24),
     "speech": Profile(
         workspace=ROOT / "workspaces/speech/workspace.yaml", tasks=("asr", "intent"),
@@ -119,7 +123,7 @@ PROFILES = {
                   "stratified subset of 28 shipped train clips. WER: lower is better, so its delta is "
                   "reference - merged and its normalised score reference / merged"),
         adamerging={"steps": 20, "batch_size": 4, "samples_per_task": 28, "lr": 0.05},
-        regmean_samples=0, regmean_grid=(), groups=0, group_budget=0,
+        regmean_samples=0, regmean_grid=(), regmean_plus_grid=(), groups=0, group_budget=0,
         optional_rows=("adamerging",), mean_column=False),
 }
 
@@ -228,6 +232,7 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts dir (default: temp)")
     parser.add_argument("--adamerging", action="store_true", help="add an AdaMerging row")
     parser.add_argument("--regmean", action="store_true", help="add a RegMean row")
+    parser.add_argument("--regmean-plus", action="store_true", help="add a RegMean++ row")
     parser.add_argument("--layer-groups", action="store_true",
                         help="add the best of optimizer bayes over per-adapter lambdas in layer groups")
     parser.add_argument("--all", action="store_true", help="add every optional row")
@@ -271,7 +276,12 @@ def main() -> None:
         if len(profile.regmean_grid) > 1:  # chosen on train: the row depends on the grid and the subset
             settings |= {"grid": profile.regmean_grid, "selection": profile.selection.model_dump(mode="json")}
         rows.append(cache.row(settings,
-                              lambda: regmean_row(session, profile, test)))
+                              lambda: regmean_row(session, profile, test, plus=False)))
+    if profile.regmean_plus_grid and (args.regmean_plus or "regmean_plus" in every):
+        settings = {"row": "regmean_plus", "samples": profile.regmean_samples, "grid": profile.regmean_plus_grid}
+        if len(profile.regmean_plus_grid) > 1:
+            settings |= {"selection": profile.selection.model_dump(mode="json")}
+        rows.append(cache.row(settings, lambda: regmean_row(session, profile, test, plus=True)))
     if args.adamerging or "adamerging" in every:
         rows.append(cache.row({"row": "adamerging", "params": profile.adamerging},
                               lambda: adamerging_row(session, profile, test)))
@@ -305,6 +315,7 @@ def command_flags(args: argparse.Namespace) -> str:
     if args.budget is not None:
         flags += ["--budget", str(args.budget)]
     flags += [flag for flag, on in (("--all", args.all), ("--regmean", args.regmean and not args.all),
+                                    ("--regmean-plus", args.regmean_plus and not args.all),
                                     ("--adamerging", args.adamerging and not args.all),
                                     ("--layer-groups", args.layer_groups and not args.all)) if on]
     return "".join(f" {flag}" for flag in flags)
@@ -373,31 +384,38 @@ def adamerging_row(session: EvalSession, profile: Profile, test: EvalSubsetConfi
                       f"per-layer lambdas learned by entropy minimisation ({setting})")
 
 
-def regmean_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
-    """RegMean on Grams of each task's unlabeled train inputs, at the (alpha, lambda) of the
-    profile's grid with the best min normalised accuracy on the train selection subset."""
-    alpha, lam = best_regmean_point(session, profile)
+def regmean_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None, *, plus: bool) -> Row:
+    """RegMean (or RegMean++) on Grams of each task's unlabeled train inputs, at the (alpha, lambda)
+    of the profile's grid with the best min normalised accuracy on the train selection subset."""
+    grid = profile.regmean_plus_grid if plus else profile.regmean_grid
+    alpha, lam = best_regmean_point(session, profile, grid, plus)
     config = {"adapters": list(profile.tasks), "method": "regmean",
-              "method_params": {"alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples}}
-    chosen = "" if len(profile.regmean_grid) == 1 else (
-        f" (best min normalised on train subset, {len(profile.regmean_grid)} (alpha, lambda) tried)")
-    return _merge_row(session, config, test, "regmean",
+              "method_params": {"alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples,
+                                "plus": plus}}
+    chosen = "" if len(grid) == 1 else (
+        f" (best min normalised on train subset, alpha of {', '.join(f'{a:g}' for a, _ in grid)})"
+        if len({lam for _, lam in grid}) == 1 else f" (best min normalised on train subset, {len(grid)} "
+        "(alpha, lambda) tried)")
+    name = "regmean++" if plus else "regmean"
+    return _merge_row(session, config, test, name,
                       f"alpha={alpha:g}, lambda={lam:g}, Grams of {profile.regmean_samples} train inputs per "
                       f"task{chosen}")
 
 
-def best_regmean_point(session: EvalSession, profile: Profile) -> tuple[float, float]:
-    if len(profile.regmean_grid) == 1:
-        return profile.regmean_grid[0]
+def best_regmean_point(session: EvalSession, profile: Profile, grid: tuple[tuple[float, float], ...],
+                       plus: bool) -> tuple[float, float]:
+    if len(grid) == 1:
+        return grid[0]
     scores = {}
-    for alpha, lam in profile.regmean_grid:
+    for alpha, lam in grid:
         result = evaluate_config(session, {"adapters": list(profile.tasks), "method": "regmean", "method_params": {
-            "alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples}}, "train", profile.selection)
+            "alpha": alpha, "lambda": lam, "samples_per_task": profile.regmean_samples, "plus": plus}},
+            "train", profile.selection)
         normalised = min(result.tasks[t].normalized or 0.0 for t in profile.tasks)
         mean = sum(result.tasks[t].merged.primary for t in profile.tasks) / len(profile.tasks)
         scores[(alpha, lam)] = (normalised, mean)
-        log.info("regmean alpha=%s lambda=%s train-subset min normalised %.4f, mean acc %.4f", alpha, lam,
-                 normalised, mean)
+        log.info("regmean%s alpha=%s lambda=%s train-subset min normalised %.4f, mean acc %.4f",
+                 "++" if plus else "", alpha, lam, normalised, mean)
     return max(scores, key=lambda point: scores[point])
 
 
