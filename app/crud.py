@@ -37,7 +37,9 @@ from merging_core.runtime.paths import index_files
 def create_job(
     session: Session, *, kind: JobKind, request: dict[str, Any], request_hash: str,
     idempotency_key: str | None,
-) -> Job:
+) -> tuple[Job, bool]:
+    """Insert a queued job; returns (job, True). If a concurrent first use of the same
+    Idempotency-Key committed first, returns (that job, False) instead."""
     job = Job(
         id=uuid.uuid4().hex, kind=kind.value, status=JobStatus.QUEUED.value, request=request,
         request_hash=request_hash, idempotency_key=idempotency_key,
@@ -49,14 +51,13 @@ def create_job(
         # Postgres: a concurrent first use of the same key committed between the caller's look-up
         # and this insert (the key's unique constraint refused this one). Callers that look the
         # key up with find_job_by_idempotency_key in the same transaction hold its lock, so
-        # never get here.
+        # seldom get here.
         session.rollback()
         existing = find_job_by_idempotency_key(session, key=idempotency_key) if idempotency_key else None
         if existing is None:
             raise
-        raise Conflict(f"Idempotency-Key {idempotency_key!r} was just used by a concurrent request "
-                       f"(job {existing.id}); repeat the request to get that job") from None
-    return job
+        return existing, False
+    return job, True
 
 
 def get_job(session: Session, *, job_id: str) -> Job:

@@ -327,6 +327,27 @@ def _actor_died(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
 
 
+def _match_head_authentication() -> None:
+    """Ray >= 2.52 token authentication, as a head on this machine decides it.
+
+    `ray start --head` turns token authentication on when `RAY_AUTH_MODE` is unset and a token is
+    found (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`, which a local
+    `ray.init()` writes), but `ray.init(address="host:port")` never does, so the service could not
+    join such a head (`InvalidAuthToken`). Apply the head's rule before joining; an explicit
+    `RAY_AUTH_MODE` wins. Ray has no public call for it, hence the private import (absent from
+    Rays without token authentication)."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    if maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        log.info("a Ray token was found: joining with token authentication (RAY_AUTH_MODE=token)")
+
+
 # --- computing on actors --------------------------------------------------------------------------
 
 
@@ -523,6 +544,8 @@ class RayExecutor:
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="ray-dispatcher", daemon=True)
         self._started_ray = False
+        self._close_lock = threading.Lock()
+        self._closed = False
         self.gpus_per_worker = 0.0
 
     # --- Executor ---------------------------------------------------------------------------
@@ -545,12 +568,11 @@ class RayExecutor:
         self._wake.set()
         if self.runner is not None:
             self.runner.shutdown()
-        for thread in list(self.jobs.values()):
-            thread.join(STOP_TIMEOUT_S)
-        self._dispatcher.join(STOP_TIMEOUT_S)
-        if self.pool is not None:
-            self.pool.close()
-        self._shutdown_ray()
+        # The dispatcher waits for the job threads, then closes the actors and Ray (see `_dispatch`).
+        self._dispatcher.join(STOP_TIMEOUT_S * 2)
+        if self._dispatcher.is_alive():
+            log.warning("the Ray dispatcher did not stop within %.0f s; closing Ray from here", STOP_TIMEOUT_S * 2)
+            self._close()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.state.wait_ready(timeout)
@@ -570,6 +592,8 @@ class RayExecutor:
         import ray
 
         address = self.settings.ray_address
+        if address != "local":
+            _match_head_authentication()
         env = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LORA_MERGE_CACHE_DIR")
                if name in os.environ}
         ray.init(address=None if address == "local" else address, include_dashboard=False,
@@ -616,8 +640,20 @@ class RayExecutor:
         return True
 
     def _dispatch(self) -> None:
-        if not self._start_actors():
-            return
+        """Start Ray and the actors, then run queued jobs until stopped; close them on the way out.
+
+        This thread both starts and stops Ray: a local Ray's processes die with the thread that
+        started them (Ray starts them with PR_SET_PDEATHSIG), so were it to exit first, Ray would
+        be gone under `ray.shutdown()` (the process exits abruptly) and its agents orphaned."""
+        try:
+            if self._start_actors():
+                self._run_jobs()
+        finally:
+            for thread in list(self.jobs.values()):
+                thread.join(STOP_TIMEOUT_S)
+            self._close()
+
+    def _run_jobs(self) -> None:
         assert self.pool is not None and self.runner is not None
         while not self._stopping.is_set():
             for job_id, thread in list(self.jobs.items()):
@@ -637,11 +673,18 @@ class RayExecutor:
             self._wake.wait(POLL_S)
             self._wake.clear()
 
-    def _shutdown_ray(self) -> None:
+    def _close(self) -> None:
+        """Kill the actors and leave (or, for `local`, stop) Ray; once."""
         import ray
 
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.pool is not None:
+                self.pool.close()
+            if self._started_ray and ray.is_initialized():
+                ray.shutdown()
 
 
 __all__ = ["ActorPool", "ModelActor", "RayCompute", "RayExecutor", "RayTrials"]

@@ -96,7 +96,11 @@ def submit(service: Service, kind: JobKind, config: MergeConfig, idempotency_key
             return existing, False
         if crud.count_queued(db) >= service.settings.max_queued_jobs:
             raise QueueFull(f"{service.settings.max_queued_jobs} jobs are already queued; retry later")
-        job = crud.create_job(db, kind=kind, request=body, request_hash=digest,
-                              idempotency_key=idempotency_key)
+        job, created = crud.create_job(db, kind=kind, request=body, request_hash=digest,
+                                       idempotency_key=idempotency_key)
+    if not created:  # the key's unique constraint met a concurrent twin: its job is the one
+        if job.request_hash != digest:
+            raise InvalidRequest(f"Idempotency-Key {idempotency_key!r} was used for a different request")
+        return job, False
     service.executor.submit(job.id, plan)
     return job, True

@@ -254,7 +254,9 @@ def ray_cluster(num_cpus: int) -> Iterator[RayCluster]:
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
     ]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication off on both sides (the server's env says so too): a token left in
+    # ~/.ray/auth_token would otherwise turn it on for this head.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     log(f"starting a Ray head on {cluster.address} (temp dir {temp_dir}) ...")
     try:
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
@@ -293,6 +295,7 @@ class Server:
             assert ray_address is not None
             env["LORA_MERGE_RAY_ADDRESS"] = ray_address
             env["LORA_MERGE_RAY_WORKERS"] = str(config.workers)
+            env["RAY_AUTH_MODE"] = "disabled"  # as the bench's head runs
         with log_path.open("ab") as handle:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],

@@ -21,7 +21,6 @@ from alembic.script import ScriptDirectory
 
 from app import crud
 from app.db import Job, JobKind, alembic_config, make_engine, make_session_factory, upgrade_database
-from app.errors import Conflict
 from app.settings import Settings
 from merging_core.runtime.index import read_index
 from tests.postgres_helpers import SERVER_TIMEZONE, PostgresServer, postgres_server
@@ -129,7 +128,7 @@ def test_timestamps_stay_utc_in_a_session_on_another_zone(database_url: str) -> 
         db = make_session_factory(engine)
         with db() as session:
             older, newer = (crud.create_job(session, kind=JobKind.MERGE, request=MERGE,
-                                            request_hash="h", idempotency_key=None) for _ in range(2))
+                                            request_hash="h", idempotency_key=None)[0] for _ in range(2))
         with db() as session:
             assert session.execute(sa.text("SHOW TimeZone")).scalar() == "Asia/Kolkata"
             read = crud.get_job(session, job_id=older.id).created_at
@@ -173,20 +172,20 @@ def test_idempotency_race_in_the_data_layer(database_url: str) -> None:
             if existing is not None:
                 return existing.id, False
             time.sleep(0.3)
-            job = crud.create_job(session, kind=JobKind.MERGE, request=MERGE, request_hash="h",
-                                  idempotency_key="k")
-            return job.id, True
+            job, created = crud.create_job(session, kind=JobKind.MERGE, request=MERGE, request_hash="h",
+                                           idempotency_key="k")
+            return job.id, created
 
     try:
         results = _run_together(4, first_use)
         assert len({job_id for job_id, _ in results}) == 1
         assert sorted(created for _, created in results) == [False, False, False, True]
         # An insert that skipped the look-up meets the unique constraint: rolled back, and the
-        # error names the job the key belongs to (a 409, never a 500).
+        # key's one job comes back instead (never a 500 or a second job).
         with db() as session:
-            with pytest.raises(Conflict, match=results[0][0]):
-                crud.create_job(session, kind=JobKind.MERGE, request=MERGE, request_hash="h",
-                                idempotency_key="k")
+            job, created = crud.create_job(session, kind=JobKind.MERGE, request=MERGE, request_hash="h",
+                                           idempotency_key="k")
+            assert (job.id, created) == (results[0][0], False)
             assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 1
     finally:
         engine.dispose()

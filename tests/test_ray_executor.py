@@ -1,7 +1,8 @@
 """The Ray executor on a real local Ray cluster (2 CPUs), with two model actors: a grid sweep
 runs on both and matches the embedded executor; a merge submitted during a sweep runs before
 it ends; actors resolve the absolute paths the control plane sends; a killed actor is replaced
-and its trial run again; a cancel reaches the running actors."""
+and its trial run again; a cancel reaches the running actors; a local Ray (`local`) starts and
+stops with the service. The session cluster runs with token authentication (see `ray_helpers`)."""
 
 from __future__ import annotations
 
@@ -169,3 +170,36 @@ def test_cancel_reaches_the_running_actors_and_restores_their_weights(
             assert new["weights_sha256"] == old["weights_sha256"] and new["pristine"] and new["hooks"] == 0
         # the actors are free again: the next job runs
         assert wait_job(client, client.post("/merges", json=MERGE).json()["id"])["status"] == "succeeded"
+
+
+def test_a_local_ray_starts_with_the_service_and_stops_with_it(tiny_workspace: Path, tmp_path: Path) -> None:
+    """`LORA_MERGE_RAY_ADDRESS=local` (the default): the service starts a Ray of its own, runs a
+    merge on its actor, and an interrupt (Ctrl-C) shuts it down cleanly with every Ray process
+    it started gone (a local Ray's processes die with the thread that started them)."""
+    import signal
+
+    import psutil
+
+    from tests.service_helpers import free_port, start_process_server, wait_ready
+
+    port = free_port()
+    (tmp_path / "artifacts").mkdir()
+    server = start_process_server(tiny_workspace, tmp_path / "artifacts", port, env_more={
+        "LORA_MERGE_EXECUTOR": "ray", "LORA_MERGE_RAY_ADDRESS": "local", "LORA_MERGE_WORKER_THREADS": "1",
+        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})  # disabled: no ~/.ray/auth_token
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            wait_ready(client)
+            assert client.get("/readyz").json()["actors"][0]["resident"]
+            assert wait_job(client, client.post("/merges", json=MERGE).json()["id"])["status"] == "succeeded"
+        started = psutil.Process(server.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"Ray processes left behind: {[' '.join(p.cmdline())[:100] for p in alive]}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = (tmp_path / f"server-{port}.log").read_text()
+    assert "Application shutdown complete" in log

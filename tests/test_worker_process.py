@@ -117,7 +117,7 @@ def test_requeue_fails_a_job_that_keeps_killing_its_worker_and_cancels_a_cancell
     db = make_session_factory(engine)
     with db() as session:
         ids = [crud.create_job(session, kind=JobKind.SWEEP, request={}, request_hash=str(i),
-                               idempotency_key=None).id for i in range(3)]
+                               idempotency_key=None)[0].id for i in range(3)]
         for job_id in ids:  # each is running (its first attempt) when its worker dies
             crud.transition(session, job_id=job_id, status=JobStatus.RUNNING)
         crud.request_cancel(session, job_id=ids[1])
