@@ -250,13 +250,12 @@ class ModelHolder:
     @contextmanager
     def applied(self, output: MergeOutput | None, cancel: CancelToken | None = None) -> Iterator[None]:
         """Apply a merge (or nothing, for the base model) for the duration of the block."""
-        with self.lock:
-            if output is not None:
-                self.apply(output, cancel)
-            try:
+        if output is None:
+            with self.lock:
                 yield
-            finally:
-                self.restore()
+            return
+        with self.deltas_applied(output.modules, output.delta, output.adapters[0].fan_in_fan_out, cancel):
+            yield
 
     @contextmanager
     def deltas_applied(self, modules: Sequence[str], delta: Callable[[str], torch.Tensor], fan_in_fan_out: bool,
