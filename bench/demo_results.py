@@ -7,8 +7,11 @@ Banking77 at 77 labels is hours on two cores).
 
 Rows: the base model (causal only: the text demo's base has no task heads of its own), each
 task's own adapter alone (evaluated on every task), uniform, task_vector at its best lambda,
-ties, dare_ties, the best point of a bayes sweep over weighted_delta's per-adapter weights (and
-AdaMerging when `--adamerging` is given). Columns: each task's test accuracy, its interference
+ties, dare_ties, the best point of a bayes sweep over weighted_delta's per-adapter weights, and
+the optional rows: RegMean (`--regmean`), RegMean++ (`--regmean-plus`), RegMean with task weights
+chosen by optimizer bayes (`--regmean-weights`; with `--regmean-plus` also RegMean++ at those
+weights), AdaMerging (`--adamerging`) and bayes over layer groups (`--layer-groups`); `--all`
+adds the profile's optional rows. Columns: each task's test accuracy, its interference
 delta (merged - the task's own adapter), the min-delta objective, the min normalised score
 (merged over own adapter, worst task) and the mean accuracy.
 
@@ -25,6 +28,11 @@ With `--artifacts DIR`, a rerun on the same DIR reads back the rows an earlier r
 (`DIR/demo_results_rows/`, keyed by the workspace, the test subset and the row's settings), so a
 crash in the last row costs that row only; the note's minutes add each row's recorded time.
 Delete that folder to measure every row again.
+
+`--add-to-table` computes only the optional rows the flags name and puts them into the table an
+earlier run wrote (`bench/results/<workspace>_results.md`), replacing a row of the same name; the
+other rows are read back from that table (4 decimals), and the note under it says which rows were
+added, when, and in how many minutes. It is for the causal table, whose full run takes hours.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from merging_core.search import run_sweep
 
 log = logging.getLogger("demo_results")
 TEXT_TASKS = ("intent", "banking", "sentiment")
+REGMEAN_WEIGHT_RANGE = (0.5, 3.0)  # each task weight's range in the regmean_weights row's search
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,11 @@ class Profile:
     regmean_samples: int  # RegMean's samples_per_task
     regmean_grid: tuple[tuple[float, float], ...]  # (alpha, lambda) pairs RegMean's row chooses from on train
     regmean_plus_grid: tuple[tuple[float, float], ...]  # the same for RegMean++ (empty: no such row)
+    regmean_weight_budget: int  # trials of optimizer bayes over RegMean's task weights (0: no such row)
     groups: int  # layer groups of the bayes-with-layer-groups row
     group_budget: int  # its trials
-    optional_rows: tuple[str, ...] = ("regmean", "regmean_plus", "adamerging", "layer_groups")  # what --all adds
+    optional_rows: tuple[str, ...] = ("regmean", "regmean_plus", "regmean_weights", "adamerging",
+                                      "layer_groups")  # what --all adds
     mean_column: bool = True  # a mean over the tasks' primary metrics (all accuracies)
 
 
@@ -95,7 +106,7 @@ PROFILES = {
         lambdas=(0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2), budget=20,
         base_row=False, describe="Demo workspace, full test splits (intent 700, banking 3,080, sentiment 600)",
         adamerging={"steps": 60}, regmean_samples=256, regmean_grid=((0.9, 1.0),),
-        regmean_plus_grid=((0.9, 1.0), (1.0, 1.0)), groups=3, group_budget=40),
+        regmean_plus_grid=((0.9, 1.0), (1.0, 1.0)), regmean_weight_budget=30, groups=3, group_budget=40),
     "causal": Profile(
         workspace=ROOT / "workspaces/causal/workspace.yaml", tasks=TEXT_TASKS, results=RESULTS_DIR / "causal_results.md",
         marker="causal-results",
@@ -110,8 +121,8 @@ PROFILES = {
         regmean_samples=128,
         regmean_grid=((0.5, 1.0), (0.7, 1.0), (0.9, 1.0)),
         # RegMean++ costs about L/2 forward passes per task here (30 layers): --regmean-plus only
-        regmean_plus_grid=((0.9, 1.0),), optional_rows=("regmean", "adamerging", "layer_groups"),
-        groups=3, group_budget=24),
+        regmean_plus_grid=((0.9, 1.0),), regmean_weight_budget=12,
+        optional_rows=("regmean", "regmean_weights", "adamerging", "layer_groups"), groups=3, group_budget=24),
     "speech": Profile(
         workspace=ROOT / "workspaces/speech/workspace.yaml", tasks=("asr", "intent"),
         results=RESULTS_DIR / "speech_results.md", marker="speech-results",
@@ -123,7 +134,8 @@ PROFILES = {
                   "stratified subset of 28 shipped train clips. WER: lower is better, so its delta is "
                   "reference - merged and its normalised score reference / merged"),
         adamerging={"steps": 20, "batch_size": 4, "samples_per_task": 28, "lr": 0.05},
-        regmean_samples=0, regmean_grid=(), regmean_plus_grid=(), groups=0, group_budget=0,
+        regmean_samples=0, regmean_grid=(), regmean_plus_grid=(), regmean_weight_budget=0, groups=0,
+        group_budget=0,
         optional_rows=("adamerging",), mean_column=False),
 }
 
@@ -134,22 +146,23 @@ class Row:
     detail: str
     merged: dict[str, EvalMetrics]  # task -> this row's metrics
     reference: dict[str, EvalMetrics]  # task -> its own adapter's metrics
+    chosen: dict | None = None  # type: ignore[type-arg]  # params chosen on train, for a later row to reuse
 
     @classmethod
-    def of(cls, name: str, detail: str, result: EvaluationResult) -> Row:
+    def of(cls, name: str, detail: str, result: EvaluationResult, chosen: dict | None = None) -> Row:  # type: ignore[type-arg]
         return cls(name, detail, {t: task.merged for t, task in result.tasks.items()},
-                   {t: task.reference for t, task in result.tasks.items()})
+                   {t: task.reference for t, task in result.tasks.items()}, chosen)
 
     def to_dict(self) -> dict:  # type: ignore[type-arg]
         return {"name": self.name, "detail": self.detail,
                 "merged": {t: m.to_dict() for t, m in self.merged.items()},
-                "reference": {t: m.to_dict() for t, m in self.reference.items()}}
+                "reference": {t: m.to_dict() for t, m in self.reference.items()}, "chosen": self.chosen}
 
     @classmethod
     def from_dict(cls, data: dict) -> Row:  # type: ignore[type-arg]
         return cls(data["name"], data["detail"],
                    {t: EvalMetrics.from_dict(m) for t, m in data["merged"].items()},
-                   {t: EvalMetrics.from_dict(m) for t, m in data["reference"].items()})
+                   {t: EvalMetrics.from_dict(m) for t, m in data["reference"].items()}, data.get("chosen"))
 
     def cells(self, mean_column: bool = True) -> list[str]:
         tasks = list(self.reference)
@@ -233,9 +246,14 @@ def main() -> None:
     parser.add_argument("--adamerging", action="store_true", help="add an AdaMerging row")
     parser.add_argument("--regmean", action="store_true", help="add a RegMean row")
     parser.add_argument("--regmean-plus", action="store_true", help="add a RegMean++ row")
+    parser.add_argument("--regmean-weights", action="store_true",
+                        help="add a RegMean row with task weights chosen by optimizer bayes on train")
     parser.add_argument("--layer-groups", action="store_true",
                         help="add the best of optimizer bayes over per-adapter lambdas in layer groups")
     parser.add_argument("--all", action="store_true", help="add every optional row")
+    parser.add_argument("--add-to-table", action="store_true",
+                        help="compute only the optional rows asked for and put them into the table an earlier run "
+                             "wrote (bench/results), replacing a row of the same name; the others are read back")
     args = parser.parse_args()
     profile = PROFILES[args.workspace]
     budget = args.budget or profile.budget
@@ -245,6 +263,45 @@ def main() -> None:
     artifacts = args.artifacts or Path(mkdtemp(prefix="demo_results_"))
     session = EvalSession.from_workspace(load_workspace(profile.workspace), artifacts, device="cpu")
     test = profile.test_subset
+    cache = RowCache(artifacts, profile)
+    if args.add_to_table:  # the table's rows as an earlier run wrote them, plus this run's optional rows
+        rows, earlier_note = read_table(profile)
+        added = optional_rows(session, profile, test, cache, args)
+        for row in added:  # in place of a row of the same name, else at the end
+            names = [old.name for old in rows]
+            if row.name in names:
+                rows[names.index(row.name)] = row
+            else:
+                rows.append(row)
+    else:
+        rows = standard_rows(session, profile, test, cache, budget) + optional_rows(session, profile, test, cache, args)
+    tasks = list(profile.tasks)
+    header = ["merge", "setting", *[f"{t} {_short(rows[0].reference[t].primary_metric)}" for t in tasks],
+              *[f"{t} delta" for t in tasks], "min delta", "min normalised", *(["mean acc"] if profile.mean_column else [])]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row.cells(profile.mean_column)) + " |" for row in rows),
+    ]
+    # Rows read back from an earlier run count at the time they took then.
+    minutes = (time.perf_counter() - started - cache.measured_now + cache.seconds) / 60
+    note = (f"{profile.describe}; CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; "
+            f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py{command_flags(args)}`.")
+    if args.add_to_table:
+        note = (f"{earlier_note} Added {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py{command_flags(args)}` "
+                f"({minutes:.1f} min; the other rows are that earlier run's, read back from its table): "
+                + ", ".join(f"'{row.name}'" for row in added) + ".")
+    publish("\n".join(lines) + "\n\n" + note, profile.results if args.write else None)
+    if args.write:
+        replace_marked_block(ROOT / "README.md", f"<!-- {profile.marker}:start -->", f"<!-- {profile.marker}:end -->",
+                             [*lines, "", note])
+        if args.workspace == "demo" and not args.add_to_table:
+            record_adapter_accuracies({t: rows[0].reference[t] for t in tasks})
+
+
+def standard_rows(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None, cache: RowCache,
+                  budget: int) -> list[Row]:
+    """The base model (causal), each adapter alone, and the data-free merges and the bayes sweep."""
     rows: list[Row] = []
     # Each task's own adapter on its task is the reference (cached); the "adapter alone" rows
     # evaluate each adapter on the other tasks only.
@@ -253,7 +310,6 @@ def main() -> None:
     if profile.base_row:
         rows.append(Row("base model", "no adapter", {t: session.base_metrics(t, "test", test) for t in tasks},
                         references))
-    cache = RowCache(artifacts, profile)
     for task in tasks:
         rows.append(cache.row({"row": f"alone_{task}"}, lambda task=task: alone_row(session, task, test, references,
                                                                                   profile)))
@@ -270,6 +326,13 @@ def main() -> None:
         evaluate_config(session, {"adapters": tasks, "method": "dare_ties"}, "test", test))))
     rows.append(cache.row({"row": "bayes", "budget": budget, "selection": profile.selection.model_dump(mode="json")},
                           lambda: bayes_row(session, profile, test, budget)))
+    return rows
+
+
+def optional_rows(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None, cache: RowCache,
+                  args: argparse.Namespace) -> list[Row]:
+    """The rows the flags ask for (all of the profile's with `--all`)."""
+    rows: list[Row] = []
     every = set(profile.optional_rows) if args.all else set()
     if args.regmean or "regmean" in every:
         settings = {"row": "regmean", "samples": profile.regmean_samples}
@@ -282,6 +345,17 @@ def main() -> None:
         if len(profile.regmean_plus_grid) > 1:
             settings |= {"selection": profile.selection.model_dump(mode="json")}
         rows.append(cache.row(settings, lambda: regmean_row(session, profile, test, plus=True)))
+    if profile.regmean_weight_budget and (args.regmean_weights or "regmean_weights" in every):
+        settings = {"row": "regmean_weights", "samples": profile.regmean_samples,
+                    "budget": profile.regmean_weight_budget, "range": REGMEAN_WEIGHT_RANGE,
+                    "selection": profile.selection.model_dump(mode="json")}
+        searched = cache.row(settings, lambda: regmean_weights_row(session, profile, test))
+        rows.append(searched)
+        if profile.regmean_plus_grid and (args.regmean_plus or "regmean_plus" in every):
+            assert searched.chosen is not None
+            weights = searched.chosen["task_weights"]
+            rows.append(cache.row({**settings, "row": "regmean_plus_weights", "weights": weights},
+                                  lambda: regmean_plus_weights_row(session, profile, test, weights)))
     if args.adamerging or "adamerging" in every:
         rows.append(cache.row({"row": "adamerging", "params": profile.adamerging},
                               lambda: adamerging_row(session, profile, test)))
@@ -290,23 +364,33 @@ def main() -> None:
                                "selection": profile.selection.model_dump(mode="json")},
                               lambda: layer_group_row(session, profile, test)))
 
-    header = ["merge", "setting", *[f"{t} {_short(references[t].primary_metric)}" for t in tasks],
-              *[f"{t} delta" for t in tasks], "min delta", "min normalised", *(["mean acc"] if profile.mean_column else [])]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row.cells(profile.mean_column)) + " |" for row in rows),
-    ]
-    # Rows read back from an earlier run count at the time they took then.
-    minutes = (time.perf_counter() - started - cache.measured_now + cache.seconds) / 60
-    note = (f"{profile.describe}; CPU, {torch.get_num_threads()} threads, {versions_line('torch')}; "
-            f"{minutes:.1f} min; generated {utc_stamp('%Y-%m-%d')} by `bench/demo_results.py{command_flags(args)}`.")
-    publish("\n".join(lines) + "\n\n" + note, profile.results if args.write else None)
-    if args.write:
-        replace_marked_block(ROOT / "README.md", f"<!-- {profile.marker}:start -->", f"<!-- {profile.marker}:end -->",
-                             [*lines, "", note])
-        if args.workspace == "demo":
-            record_adapter_accuracies(references)
+    return rows
+
+
+def read_table(profile: Profile) -> tuple[list[Row], str]:
+    """The rows and the note of the table in the profile's results file, as an earlier run wrote
+    them (accuracies to 4 decimals; each reference is the merged value minus its delta)."""
+    lines = profile.results.read_text().splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    header = [cell.strip() for cell in table[0].strip().strip("|").split("|")]
+    n = len(profile.tasks)
+    if header[2].split()[-1] != "acc":
+        raise SystemExit(f"--add-to-table reads accuracy tables only; {profile.results} has {header[2]!r}")
+    metric = "accuracy"
+    rows = []
+    for line in table[1:]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        values = [float(cell) for cell in cells[2:2 + n]]
+        deltas = [float(cell) for cell in cells[2 + n:2 + 2 * n]]
+        rows.append(Row(cells[0], cells[1],
+                        {t: _metric(metric, v) for t, v in zip(profile.tasks, values)},
+                        {t: _metric(metric, round(v - d, 4)) for t, v, d in zip(profile.tasks, values, deltas)}))
+    note = next(line for line in lines[lines.index(table[-1]) + 1:] if line.strip())
+    return rows, note
+
+
+def _metric(name: str, value: float) -> EvalMetrics:
+    return EvalMetrics(primary_metric=name, direction="higher", metrics={name: value}, num_samples=0)
 
 
 def command_flags(args: argparse.Namespace) -> str:
@@ -316,8 +400,10 @@ def command_flags(args: argparse.Namespace) -> str:
         flags += ["--budget", str(args.budget)]
     flags += [flag for flag, on in (("--all", args.all), ("--regmean", args.regmean and not args.all),
                                     ("--regmean-plus", args.regmean_plus and not args.all),
+                                    ("--regmean-weights", args.regmean_weights and not args.all),
                                     ("--adamerging", args.adamerging and not args.all),
-                                    ("--layer-groups", args.layer_groups and not args.all)) if on]
+                                    ("--layer-groups", args.layer_groups and not args.all),
+                                    ("--add-to-table", args.add_to_table)) if on]
     return "".join(f" {flag}" for flag in flags)
 
 
@@ -417,6 +503,39 @@ def best_regmean_point(session: EvalSession, profile: Profile, grid: tuple[tuple
         log.info("regmean%s alpha=%s lambda=%s train-subset min normalised %.4f, mean acc %.4f",
                  "++" if plus else "", alpha, lam, normalised, mean)
     return max(scores, key=lambda point: scores[point])
+
+
+def regmean_weights_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:
+    """RegMean (alpha 0.9) with one task weight per adapter, chosen by optimizer bayes on the train
+    selection subset (the sweeps' objective: the worst task's delta); the Grams are collected
+    once and every trial re-solves from them."""
+    low, high = REGMEAN_WEIGHT_RANGE
+    budget = profile.regmean_weight_budget
+    params = {"budget": budget, "init_points": min(10, budget // 2), "seed": 0, "split": "train",
+              "search_subset": profile.selection.model_dump(),
+              "space": {"task_weights": {"min": low, "max": high, "per_adapter": True}}}
+    config = {"adapters": list(profile.tasks), "method": "regmean",
+              "method_params": {"alpha": 0.9, "samples_per_task": profile.regmean_samples},
+              "optimizer": {"name": "bayes", "params": params}}
+    merged = run_merge(config, task_registry=session.workspace.task_registry(), artifacts_dir=session.root,
+                       session=session)
+    weights = merged.output.params["task_weights"]
+    result = session.evaluate_merge(merged.output, merge_tag=merged.merge_tag, tasks=config["adapters"], subset=test,
+                                    run_dir=merged.run_dir)
+    return Row.of("regmean, task weights", "alpha=0.9, task_weights=[" + ", ".join(f"{w:.2f}" for w in weights)
+                  + f"] (optimizer bayes on train subset, {budget} trials in [{low:g}, {high:g}]), Grams of "
+                  f"{profile.regmean_samples} train inputs per task", result, chosen={"task_weights": weights})
+
+
+def regmean_plus_weights_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None,
+                             weights: list[float]) -> Row:
+    """RegMean++ at the task weights the plain RegMean search chose on train (a RegMean++ trial
+    re-collects its Grams, about 5x a plain one's cost, so the search runs on plain RegMean)."""
+    config = {"adapters": list(profile.tasks), "method": "regmean",
+              "method_params": {"alpha": 0.9, "task_weights": weights, "samples_per_task": profile.regmean_samples,
+                                "plus": True}}
+    return _merge_row(session, config, test, "regmean++, task weights",
+                      "alpha=0.9, the task weights of the row above (searched with plain RegMean on train)")
 
 
 def layer_group_row(session: EvalSession, profile: Profile, test: EvalSubsetConfig | None) -> Row:

@@ -45,14 +45,18 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
-def _dense_regmean(deltas: list[torch.Tensor], grams: list[torch.Tensor], alpha: float, lam: float,
-                   ridge: float = 0.0) -> torch.Tensor:
-    """The paper's closed form on dense deltas: W^T - W0^T = (sum G)^-1 sum G_i dW_i^T."""
-    scaled = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+def _dense_regmean(deltas: list[torch.Tensor], grams: list[torch.Tensor], alpha: float,
+                   lam: float | list[float], ridge: float = 0.0,
+                   task_weights: list[float] | None = None) -> torch.Tensor:
+    """The paper's closed form on dense deltas: W^T - W0^T = (sum G)^-1 sum G_i dW_i^T (with a
+    list `lam`, task i's term scaled by lam_i; with task weights, G_i taken as w_i G_i)."""
+    weights = lam if isinstance(lam, list) else [lam] * len(deltas)
+    importance = task_weights or [1.0] * len(deltas)
+    scaled = [w * (alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))) for w, g in zip(importance, grams)]
     total = sum(scaled)
     total = total + ridge * torch.diagonal(total).mean() * torch.eye(total.shape[0], dtype=total.dtype)
-    rhs = sum(g @ d.double().T for g, d in zip(scaled, deltas))
-    return lam * torch.linalg.solve(total, rhs).T
+    rhs = sum(w * g @ d.double().T for w, g, d in zip(weights, scaled, deltas))
+    return torch.linalg.solve(total, rhs).T
 
 
 def _gram(rows: int, features: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,17 +81,20 @@ class FakeGrams:
         pass
 
 
-@pytest.mark.parametrize("alpha, lam", [(1.0, 1.0), (0.9, 1.0), (0.3, 0.7)])
-def test_factor_form_equals_dense_closed_form(adapters: dict[str, Path], alpha: float, lam: float) -> None:
+@pytest.mark.parametrize("alpha, lam, task_weights", [
+    (1.0, 1.0, None), (0.9, 1.0, None), (0.3, 0.7, None), (0.9, [1.3, 0.6, 1.0], [2.0, 0.5, 1.0])])
+def test_factor_form_equals_dense_closed_form(adapters: dict[str, Path], alpha: float,
+                                              lam: float | list[float], task_weights: list[float] | None) -> None:
     """Real adapters of different ranks (4, 8 with rsLoRA, 4 and 2 with alpha_pattern): the saved
-    LoRA of rank sum r_i equals the dense closed form to 1e-5 relative Frobenius error."""
+    LoRA of rank sum r_i equals the dense closed form to 1e-5 relative Frobenius error, with one
+    lambda or one per adapter, and with task weights."""
     output = prepare_merge({"adapters": [str(p) for p in adapters.values()], "method": "task_vector"})
     generator = torch.Generator().manual_seed(0)
     grams = {m: [_gram(40, output.adapters[0].modules[m].shape[1], generator) for _ in output.adapters]
              for m in output.modules}
     merged = MergeOutput(method=get_method("regmean"), adapters=output.adapters, modules=output.modules,
-                         left_out={}, params={"alpha": alpha, "lambda": lam, "samples_per_task": 1,
-                                              "split": "train", "seed": 0},
+                         left_out={}, params={"alpha": alpha, "lambda": lam, "task_weights": task_weights or 1.0,
+                                              "samples_per_task": 1, "split": "train", "seed": 0},
                          policy=output.policy, grams=FakeGrams(grams))
     ranks = {a.modules[MODULE].rank for a in output.adapters}
     assert ranks == {2, 4, 8}
@@ -96,7 +103,7 @@ def test_factor_form_equals_dense_closed_form(adapters: dict[str, Path], alpha: 
         lora_B, lora_A = result.factors  # type: ignore[misc]
         assert lora_A.shape[0] == sum(a.modules[module].rank for a in output.adapters)
         expected = _dense_regmean([a.modules[module].delta() for a in output.adapters], grams[module],
-                                  alpha, lam)
+                                  alpha, lam, task_weights=task_weights)
         assert _relative_error(lora_B @ lora_A, expected) <= 1e-5
         assert result.notes == {}
     # The saved factors are the in-memory ones.
@@ -133,7 +140,8 @@ def test_singular_gram_sum_grows_the_ridge_and_records_it(adapters: dict[str, Pa
             x[:, 0] = 0.0
         singular[module] = [x.T @ x for _ in output.adapters]
     merge = MergeOutput(method=get_method("regmean"), adapters=output.adapters, modules=output.modules,
-                        left_out={}, params={"alpha": 1.0, "lambda": 1.0, "samples_per_task": 1,
+                        left_out={}, params={"alpha": 1.0, "lambda": 1.0, "task_weights": 1.0,
+                                             "samples_per_task": 1,
                                              "split": "train", "seed": 0},
                         policy=output.policy, grams=FakeGrams(singular))
     for module in output.modules:
@@ -337,7 +345,8 @@ def test_regmean_is_refused_without_the_resident_model_or_a_workspace_task(
 
 def test_regmean_through_the_service(tiny_workspace: Path, tmp_path: Path) -> None:
     """POST /merges with regmean and with RegMean++ on the classification workspace (each task's
-    head on during collection), with evaluation: succeeded, and the run metadata shows the Grams."""
+    head on during collection), with evaluation: succeeded, and the run metadata shows the Grams;
+    then task weights searched by optimizer bayes; bad params are refused with a 422."""
     from app.settings import Settings
     from tests.service_helpers import thread_server, wait_job
 
@@ -357,6 +366,22 @@ def test_regmean_through_the_service(tiny_workspace: Path, tmp_path: Path) -> No
             assert grams.get("plus", False) is plus and metadata["params"]["plus"] is plus
             assert all(t["rows"] == 16 and t["tokens"] > 16 for t in grams["tasks"].values())
             assert metadata["saved"]["exact"] and metadata["params"]["alpha"] == 0.8
-        refused = client.post("/merges", json={"adapters": ["topic", "mood"], "method": "regmean",
-                                               "method_params": {"alpha": 2}})
-        assert refused.status_code == 422 and "'alpha'" in refused.text
+        # Task weights searched by optimizer bayes (on the train split), then the merge at the best.
+        answer = client.post("/merges", json={
+            "adapters": ["topic", "mood"], "method": "regmean", "eval_tasks": ["topic", "mood"],
+            "method_params": {"samples_per_task": 16, "lambda": [1.0, 1.2]},
+            "optimizer": {"name": "bayes", "params": {
+                "budget": 3, "init_points": 2, "search_subset": {"max_samples": 16},
+                "space": {"task_weights": {"min": 0.5, "max": 2.0, "per_adapter": True}}}}})
+        assert answer.status_code == 202, answer.text
+        done = wait_job(client, answer.json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        metadata = json.loads((Path(done["result"]["run_dir"]) / RUN_METADATA_FILE).read_text())
+        weights = metadata["params"]["task_weights"]
+        assert len(weights) == 2 and all(0.5 <= w <= 2.0 for w in weights)
+        assert metadata["params"]["lambda"] == [1.0, 1.2]
+        for params, name in (({"alpha": 2}, "'alpha'"), ({"task_weights": [1.0, 2.0, 3.0]}, "'task_weights'"),
+                             ({"task_weights": [1.0, -1.0]}, "'task_weights'")):
+            refused = client.post("/merges", json={"adapters": ["topic", "mood"], "method": "regmean",
+                                                   "method_params": params})
+            assert refused.status_code == 422 and name in refused.text, refused.text

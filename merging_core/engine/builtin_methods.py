@@ -85,7 +85,8 @@ def _regmean(
     grams: Sequence[torch.Tensor],
     params: Params,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    merged = regmean.regmean(factors, grams, alpha=params["alpha"], lam=params["lambda"])
+    merged = regmean.regmean(factors, grams, alpha=params["alpha"], lam=params["lambda"],
+                             task_weights=params["task_weights"])
     return merged.lora_B, merged.lora_A, ({"eps": merged.eps} if merged.eps else {})
 
 
@@ -205,7 +206,10 @@ BUILTIN_METHODS = (
         paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
         params=(
             ParamSpec("alpha", ParamKind.FLOAT, "scale of the Grams' off-diagonal entries", 0.9, 0.0, 1.0),
-            ParamSpec("lambda", ParamKind.FLOAT, "scale of the merged delta", 1.0),
+            _LAMBDA_SCALE,
+            ParamSpec("task_weights", ParamKind.WEIGHTS, "each task's weight w_i in the objective "
+                      "sum_i w_i ||X_i (W - W_i)^T||^2: one per adapter (one number: all alike)", 1.0,
+                      0.0),
             ParamSpec("samples_per_task", ParamKind.INT, "unlabeled inputs per task for the Grams",
                       256, 1, 1_000_000),
             ParamSpec("split", ParamKind.STRING, "the split whose inputs (labels unused) are used",

@@ -12,7 +12,8 @@ G_i <- alpha G_i + (1 - alpha) diag(G_i)). For LoRA deltas dW_i = s_i B_i A_i th
     dW = sum_i s_i B_i M_i^T,    M_i = (sum_j G_j)^-1 G_i A_i^T   (in x r_i),
 
 a LoRA of rank sum r_i: A = [M_1^T; ...; M_n^T], B = [s_1 B_1 | ... | s_n B_n], so nothing is
-approximated and no dense delta is formed. The solve is a Cholesky factorisation in float64;
+approximated and no dense delta is formed. `lambda` scales the merged delta, or, as a list, each
+task's part of it: dW = sum_i lambda_i s_i B_i M_i^T (still exact, at the same rank). The solve is a Cholesky factorisation in float64;
 when the sum is singular (Cholesky fails) a ridge eps * mean(diag) * I is added, eps growing
 from `EPS_START` by `EPS_GROWTH` until it succeeds, and the eps used is returned.
 """
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from merging_core.methods.linear import per_adapter
 
 EPS_START = 1e-6  # first relative ridge tried when the Gram sum is singular
 EPS_GROWTH = 10.0
@@ -72,13 +75,19 @@ def regmean(
     grams: Sequence[torch.Tensor],
     *,
     alpha: float = 0.9,
-    lam: float = 1.0,
+    lam: float | Sequence[float] = 1.0,
+    task_weights: float | Sequence[float] = 1.0,
     eps_start: float = EPS_START,
 ) -> RegMeanMerge:
     """Merge (B_i, A_i, scaling_i) triples with each task's raw Gram G_i (in x in) of the
-    module's inputs; returns (B, A) of rank sum r_i, scaling 1, scaled by `lam`, and the ridge."""
+    module's inputs; returns (B, A) of rank sum r_i, scaling 1, and the ridge. A scalar `lam`
+    scales the merged delta; a list scales each task's part (task i's B_i by lam_i)."""
     if len(factors) != len(grams):
         raise ValueError(f"grams: {len(grams)} Gram matrices for {len(factors)} adapters")
+    weights = per_adapter(lam, len(factors))
+    importance = per_adapter(task_weights, len(factors))
+    if min(importance) < 0.0 or max(importance) <= 0.0:
+        raise ValueError(f"task_weights: weights must be >= 0 and not all 0, got {importance}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
     in_features = factors[0][1].shape[1]
@@ -88,7 +97,8 @@ def regmean(
                 f"grams: adapter {index}'s Gram is {tuple(gram.shape)}, the module takes "
                 f"{in_features} inputs"
             )
-    scaled = [scale_off_diagonal(gram.to(torch.float64), alpha) for gram in grams]
+    scaled = [scale_off_diagonal(gram.to(torch.float64), alpha) * weight
+              for gram, weight in zip(grams, importance)]
     cholesky, eps = regularized_cholesky(torch.stack(scaled).sum(dim=0), eps_start)
     device = cholesky.device
     # Every M_i at once: one solve against the side-by-side right-hand sides G_i A_i^T.
@@ -101,6 +111,7 @@ def regmean(
     out_device = factors[0][1].device
     lora_A = solved.T.to(out_device, dtype).contiguous()
     lora_B = torch.cat(
-        [lora_B.to(dtype) * (scaling * lam) for lora_B, _, scaling in factors], dim=1
+        [lora_B.to(dtype) * (scaling * weight) for (lora_B, _, scaling), weight in zip(factors, weights)],
+        dim=1,
     ).contiguous()
     return RegMeanMerge(lora_B=lora_B, lora_A=lora_A, eps=eps)
