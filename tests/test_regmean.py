@@ -381,7 +381,8 @@ def test_regmean_through_the_service(tiny_workspace: Path, tmp_path: Path) -> No
         assert len(weights) == 2 and all(0.5 <= w <= 2.0 for w in weights)
         assert metadata["params"]["lambda"] == [1.0, 1.2]
         for params, name in (({"alpha": 2}, "'alpha'"), ({"task_weights": [1.0, 2.0, 3.0]}, "'task_weights'"),
-                             ({"task_weights": [1.0, -1.0]}, "'task_weights'")):
+                             ({"task_weights": [1.0, -1.0]}, "'task_weights'"),
+                             ({"task_weights": [0.0, 0.0]}, "task_weights: at least one task")):
             refused = client.post("/merges", json={"adapters": ["topic", "mood"], "method": "regmean",
                                                    "method_params": params})
             assert refused.status_code == 422 and name in refused.text, refused.text

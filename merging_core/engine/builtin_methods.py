@@ -90,6 +90,12 @@ def _regmean(
     return merged.lora_B, merged.lora_A, ({"eps": merged.eps} if merged.eps else {})
 
 
+def _regmean_weights(params: Params, n_adapters: int) -> None:
+    weights = linear.per_adapter(params["task_weights"], n_adapters)
+    if max(weights) <= 0.0:
+        raise ValueError("task_weights: at least one task needs a positive weight")
+
+
 BUILTIN_METHODS = (
     MergeMethod(
         name="uniform",
@@ -219,6 +225,7 @@ BUILTIN_METHODS = (
                       "earlier layers (one partial forward pass per layer and task; not cached)", False),
         ),
         space="grams",
+        params_validator=_regmean_weights,
         merge_in_memory=_regmean,
         save_fn=saving.save_factors,
     ),
