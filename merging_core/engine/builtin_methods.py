@@ -91,7 +91,7 @@ def _regmean(
 
 
 def _regmean_weights(params: Params, n_adapters: int) -> None:
-    weights = linear.per_adapter(params["task_weights"], n_adapters)
+    weights = linear.per_adapter(params["task_weights"], n_adapters, "task_weights")
     if max(weights) <= 0.0:
         raise ValueError("task_weights: at least one task needs a positive weight")
 

@@ -5,8 +5,9 @@ all end here). Order: load the planned adapters (cached) -> the optimizer sets t
 policy (AdaMerging on the session's resident model) -> a data-aware method's Grams from the
 session (RegMean; collected on the resident model or read from their cache; RegMean++ collects
 them layer by layer through the merge's own earlier layers) and its per-module solves -> the
-in-memory merge (`load_merge`) -> optionally save, into a hidden temp dir (`stage_merge`) -> always write the run bundle and rename it into place (`publish_merge`), so a
-failed or cancelled merge leaves no partial run directory. Staging and publishing are apart so
+in-memory merge (`load_merge`) -> optionally save, into a hidden temp dir (`stage_merge`) ->
+always write the run bundle and rename it into place (`publish_merge`), so a failed or cancelled
+merge leaves no partial run directory. Staging and publishing are apart so
 that a worker (e.g. a Ray actor) can compute and save while the process that owns the
 artifacts writes the bundle.
 

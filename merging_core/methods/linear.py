@@ -17,12 +17,13 @@ def linear_combination(deltas: Sequence[torch.Tensor], coefficients: Sequence[fl
     return merged
 
 
-def per_adapter(lam: float | Sequence[float], n_adapters: int) -> list[float]:
-    """A scalar lambda scales every adapter; a list gives one weight per adapter."""
+def per_adapter(lam: float | Sequence[float], n_adapters: int, name: str = "lambda") -> list[float]:
+    """A scalar lambda scales every adapter; a list gives one weight per adapter (`name`: the
+    parameter an error names)."""
     if isinstance(lam, (int, float)):
         return [float(lam)] * n_adapters
     if len(lam) != n_adapters:
-        raise ValueError(f"lambda has {len(lam)} values for {n_adapters} adapters")
+        raise ValueError(f"{name} has {len(lam)} values for {n_adapters} adapters")
     return [float(x) for x in lam]
 
 

@@ -13,9 +13,11 @@ G_i <- alpha G_i + (1 - alpha) diag(G_i)). For LoRA deltas dW_i = s_i B_i A_i th
 
 a LoRA of rank sum r_i: A = [M_1^T; ...; M_n^T], B = [s_1 B_1 | ... | s_n B_n], so nothing is
 approximated and no dense delta is formed. `lambda` scales the merged delta, or, as a list, each
-task's part of it: dW = sum_i lambda_i s_i B_i M_i^T (still exact, at the same rank). The solve is a Cholesky factorisation in float64;
-when the sum is singular (Cholesky fails) a ridge eps * mean(diag) * I is added, eps growing
-from `EPS_START` by `EPS_GROWTH` until it succeeds, and the eps used is returned.
+task's part of it: dW = sum_i lambda_i s_i B_i M_i^T. `task_weights` w_i weigh the tasks in the
+objective sum_i w_i ||X_i (W - W_i)^T||^2, i.e. G_i is taken as w_i G_i in both sums. Both stay
+exact at the same rank. The solve is a Cholesky factorisation in float64; when the sum is
+singular (Cholesky fails) a ridge eps * mean(diag) * I is added, eps growing from `EPS_START` by
+`EPS_GROWTH` until it succeeds, and the eps used is returned.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def regmean(
     if len(factors) != len(grams):
         raise ValueError(f"grams: {len(grams)} Gram matrices for {len(factors)} adapters")
     weights = per_adapter(lam, len(factors))
-    importance = per_adapter(task_weights, len(factors))
+    importance = per_adapter(task_weights, len(factors), "task_weights")
     if min(importance) < 0.0 or max(importance) <= 0.0:
         raise ValueError(f"task_weights: weights must be >= 0 and not all 0, got {importance}")
     if not 0.0 <= alpha <= 1.0:
